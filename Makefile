@@ -1,0 +1,44 @@
+# The two quick-start commands are `make demo` and `make test`; each (re)creates
+# the virtualenv from the pinned lock file when it is missing or out of date.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+MANIFEST ?=
+DEMO_DIR ?= runs/demo_job
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint format results bench clean
+
+$(STAMP): requirements/lock.txt requirements/build-constraints.txt setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=25.3"
+	# bert-for-tf2 & co. are sdists that need setuptools<70 to build.
+	$(PY) -m pip install -q --build-constraint requirements/build-constraints.txt -r requirements/lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mmtf demo --out $(DEMO_DIR) $(if $(MANIFEST),--manifest $(MANIFEST))
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check multimodal_tf tests benchmarks
+	$(VENV)/bin/ruff format --check multimodal_tf tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix multimodal_tf tests benchmarks
+	$(VENV)/bin/ruff format multimodal_tf tests benchmarks
+
+results: $(STAMP)
+	$(PY) -m pytest -q -m results $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/input_pipeline.py
+
+clean:
+	rm -rf $(VENV) .mmtf_cache runs models

@@ -1,0 +1,1 @@
+"""Data layer: manifests, TFRecords, in-graph preprocessing and tf.data pipelines."""

@@ -1,0 +1,94 @@
+"""``make_dataset``: TFRecord shards -> batched model features, all in tf.data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow as tf
+
+from multimodal_tf.config import ExperimentConfig
+from multimodal_tf.data import features
+from multimodal_tf.data.convert import default_tfrecord_dir
+from multimodal_tf.data.metadata import DatasetMetadata
+from multimodal_tf.data.preprocessing import Preprocessor
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Records are parsed and preprocessed in blocks: the STFT and the tokenizer
+# are vectorised, so a block costs far less than as many single examples.
+PREPROCESS_BLOCK = 128
+
+
+def shard_files(files: list[str], input_context: tf.distribute.InputContext | None):
+    """Per-worker file list and whether data-level sharding is still needed.
+
+    With at least as many files as input pipelines each worker reads its own
+    files; otherwise every worker reads all files and keeps every N-th
+    example, so no worker is left without data (an empty worker hangs
+    collective ops).
+    """
+    if input_context is None or input_context.num_input_pipelines <= 1:
+        return files, False
+    count, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+    if len(files) >= count:
+        return files[index::count], False
+    return files, True
+
+
+def make_dataset(
+    config: ExperimentConfig,
+    split: str,
+    input_context: tf.distribute.InputContext | None = None,
+    training: bool | None = None,
+    metadata: DatasetMetadata | None = None,
+    batch_size: int | None = None,
+    drop_remainder: bool = False,
+    with_ids: bool = False,
+) -> tf.data.Dataset:
+    """Batched ``(features, label)`` (or ``(features, label, id)``) for one split.
+
+    Args:
+        config: experiment config (data settings and model modalities).
+        split: ``train``, ``val`` or ``test``.
+        input_context: from ``distribute_datasets_from_function``; shards the
+            input and turns the global batch size into a per-replica one.
+        training: shuffle and repeat-friendly ordering; default: split == train.
+        metadata: conversion metadata; read from the TFRecord folder if None.
+        batch_size: global batch size; default ``config.data.batch_size``.
+        drop_remainder: static batch shapes (TPU).
+        with_ids: also yield the example ids (for prediction files).
+    """
+    data = config.data
+    directory = Path(default_tfrecord_dir(data))
+    metadata = metadata or DatasetMetadata.load(directory)
+    if split not in metadata.shards:
+        raise ValueError(f"split {split!r} not in {directory}; have {sorted(metadata.shards)}")
+    training = split == "train" if training is None else training
+    batch_size = batch_size or data.batch_size
+    if input_context is not None:
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    files, shard_data = shard_files([str(directory / f) for f in metadata.shards[split]], input_context)
+    preprocessor = Preprocessor(data, metadata.vocabulary, config.model.modalities)
+
+    def preprocess(serialized):
+        raw = preprocessor.parse_examples(serialized)
+        model_features = preprocessor(raw)
+        return model_features, raw[features.LABEL], raw[features.ID]
+
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        dataset = dataset.shuffle(len(files), seed=config.train.seed)
+    dataset = dataset.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 4), num_parallel_calls=AUTOTUNE,
+        deterministic=True,  # reproducible runs with a fixed seed
+    )
+    if shard_data:
+        dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    dataset = dataset.batch(PREPROCESS_BLOCK).map(preprocess, num_parallel_calls=AUTOTUNE).unbatch()
+    if data.cache:
+        dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(data.shuffle_buffer, seed=config.train.seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    if not with_ids:
+        dataset = dataset.map(lambda x, y, _: (x, y))
+    return dataset.prefetch(AUTOTUNE)
