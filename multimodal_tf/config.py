@@ -156,7 +156,6 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | constant | plateau
     optimizer: str = "adam"  # adam | adamw | sgd
     weight_decay: float = 0.0
-    label_smoothing: float = 0.0
     early_stopping_patience: int = 5  # 0 disables early stopping
     monitor: str = "val_accuracy"
     class_weights: str = "none"  # none | balanced

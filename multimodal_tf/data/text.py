@@ -24,7 +24,10 @@ def build_vocabulary(texts: Iterable[str], config: TextConfig) -> list[str]:
 
     texts = [t for t in texts if t]
     if not texts:
-        return list(RESERVED_TOKENS)
+        # No training text (e.g. an image+audio set): a character-level
+        # vocabulary keeps the tokenizer valid for any later text input.
+        letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
+        return list(RESERVED_TOKENS) + letters + [f"##{c}" for c in letters]
     dataset = tf.data.Dataset.from_tensor_slices(texts).batch(1024)
     vocab = builder.bert_vocab_from_dataset(
         dataset,

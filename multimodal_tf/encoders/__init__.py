@@ -1,0 +1,59 @@
+"""Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
+
+Importing this package registers ``image/cnn``, ``text/lstm``, ``audio/cnn``
+and ``audio/lstm``. Each encoder is a Keras layer mapping one preprocessed
+modality (see ``data.features.model_feature_specs``) to a [B, output_dim]
+embedding.
+"""
+
+from __future__ import annotations
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import EncoderConfig
+from multimodal_tf.encoders.audio import AudioCNNEncoder, AudioLSTMEncoder
+from multimodal_tf.encoders.image import ImageCNNEncoder
+from multimodal_tf.encoders.text import TextLSTMEncoder
+from multimodal_tf.registry import ENCODERS
+
+__all__ = [
+    "AudioCNNEncoder",
+    "AudioLSTMEncoder",
+    "ImageCNNEncoder",
+    "TextLSTMEncoder",
+    "build_encoder",
+    "load_encoder_checkpoint",
+    "save_encoder_checkpoint",
+]
+
+
+def build_encoder(config: EncoderConfig, **kwargs) -> keras.layers.Layer:
+    """The encoder named by ``config.name``.
+
+    Args:
+        config: encoder settings.
+        **kwargs: what the encoder needs beyond the config (``vocab_size``
+            for text) and layer arguments such as ``name``.
+    """
+    return ENCODERS.get(config.name).from_encoder_config(config, **kwargs)
+
+
+def save_encoder_checkpoint(encoder: keras.layers.Layer, path: str) -> str:
+    """Writes a built encoder's weights as a TF checkpoint; returns its prefix."""
+    return tf.train.Checkpoint(encoder=encoder).write(path)
+
+
+def load_encoder_checkpoint(encoder: keras.layers.Layer, path: str) -> None:
+    """Restores a built encoder from :func:`save_encoder_checkpoint` output.
+
+    Raises:
+        ValueError: ``path`` is not a readable checkpoint, or it does not
+            hold every weight of the encoder (e.g. a different width).
+    """
+    if tf.train.latest_checkpoint(path) is None and not tf.io.gfile.exists(f"{path}.index"):
+        raise ValueError(f"encoder checkpoint {path!r}: no checkpoint found (expected {path}.index)")
+    status = tf.train.Checkpoint(encoder=encoder).read(path)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as error:
+        raise ValueError(f"encoder checkpoint {path!r} does not match encoder {encoder.name!r}: {error}") from None
+    status.expect_partial()

@@ -1,0 +1,139 @@
+"""Audio encoders over log-mel spectrograms: a CNN and an LSTM."""
+
+from __future__ import annotations
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import EncoderConfig
+from multimodal_tf.encoders.image import conv_blocks
+from multimodal_tf.encoders.text import recurrent_layers
+from multimodal_tf.registry import ENCODERS
+
+
+def spectrogram_norm() -> keras.layers.Layer:
+    """Per-example normalisation over frames and mel bins (no parameters).
+
+    Log-mel values sit around -13..5; standardising each clip (like cepstral
+    mean and variance normalisation) puts them on the scale the layers after
+    it expect, independent of the recording level. An all-zero (absent) clip
+    stays all zero.
+    """
+    return keras.layers.LayerNormalization(axis=[1, 2], center=False, scale=False, epsilon=1e-3, name="input_norm")
+
+
+class _AudioEncoder(keras.layers.Layer):
+    """Shared arguments, factory and config of the audio encoders."""
+
+    def __init__(
+        self,
+        width: int = 32,
+        depth: int = 2,
+        output_dim: int = 64,
+        dropout_rate: float = 0.1,
+        bidirectional: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if width < 1 or depth < 1 or output_dim < 1:
+            raise ValueError(f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}")
+        self.width = width
+        self.depth = depth
+        self.output_dim = output_dim
+        self.dropout_rate = dropout_rate
+        self.bidirectional = bidirectional
+        self.input_norm = spectrogram_norm()
+        self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
+        self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
+
+    @classmethod
+    def from_encoder_config(cls, config: EncoderConfig, **kwargs):
+        """Builds the encoder from an :class:`EncoderConfig`; kwargs go to the layer."""
+        return cls(
+            width=config.width,
+            depth=config.depth,
+            output_dim=config.output_dim,
+            dropout_rate=config.dropout_rate,
+            bidirectional=config.bidirectional,
+            **kwargs,
+        )
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "width": self.width,
+                "depth": self.depth,
+                "output_dim": self.output_dim,
+                "dropout_rate": self.dropout_rate,
+                "bidirectional": self.bidirectional,
+            }
+        )
+        return config
+
+
+@ENCODERS.register("audio/cnn")
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class AudioCNNEncoder(_AudioEncoder):
+    """CNN over the log-mel map treated as a one-channel image.
+
+    Per-clip normalisation, then the image encoder's Conv2D-BatchNorm-ReLU-
+    MaxPool blocks, global average pooling, Dense and dropout.
+
+    Call arguments:
+        spectrograms: float32 [B, frames, mel_bins] log-mel (zeros if absent).
+
+    Returns:
+        [B, output_dim] embeddings (ReLU).
+
+    Args:
+        width: filters of the first block (doubling per block).
+        depth: number of conv blocks.
+        output_dim: embedding size.
+        dropout_rate: dropout on the embedding.
+        bidirectional: unused (accepted so every audio encoder takes the same
+            arguments).
+        **kwargs: standard layer arguments.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocks = conv_blocks(self.width, self.depth)
+        self.pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
+
+    def call(self, spectrograms: tf.Tensor, training=None) -> tf.Tensor:
+        x = self.input_norm(spectrograms)[..., None]  # [B, frames, mel_bins, 1]
+        for layer in self.blocks:
+            x = layer(x, training=training)
+        x = self.projection(self.pool(x))
+        return self.dropout(x, training=training)
+
+
+@ENCODERS.register("audio/lstm")
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class AudioLSTMEncoder(_AudioEncoder):
+    """LSTM over mel frames: per-clip normalisation, LSTM stack, Dense, dropout.
+
+    Call arguments:
+        spectrograms: float32 [B, frames, mel_bins] log-mel (zeros if absent).
+
+    Returns:
+        [B, output_dim] embeddings (ReLU).
+
+    Args:
+        width: LSTM units (per direction).
+        depth: number of LSTM layers.
+        output_dim: embedding size.
+        dropout_rate: dropout on the embedding.
+        bidirectional: wrap each LSTM in ``Bidirectional``.
+        **kwargs: standard layer arguments.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recurrent = recurrent_layers(self.width, self.depth, self.bidirectional)
+
+    def call(self, spectrograms: tf.Tensor, training=None) -> tf.Tensor:
+        x = self.input_norm(spectrograms)
+        for layer in self.recurrent:
+            x = layer(x, training=training)
+        x = self.projection(x)
+        return self.dropout(x, training=training)

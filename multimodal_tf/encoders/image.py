@@ -1,0 +1,87 @@
+"""Image encoder: a small CNN."""
+
+from __future__ import annotations
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import EncoderConfig
+from multimodal_tf.registry import ENCODERS
+
+
+def conv_blocks(width: int, depth: int) -> list[keras.layers.Layer]:
+    """Layers of ``depth`` Conv2D-BatchNorm-ReLU-MaxPool blocks, filters ``width * 2**i``.
+
+    Pooling uses ``"same"`` padding so that a small input never shrinks to
+    zero size, whatever the depth.
+    """
+    layers = []
+    for i in range(depth):
+        layers += [
+            keras.layers.Conv2D(width * 2**i, 3, padding="same", use_bias=False, name=f"conv_{i}"),
+            keras.layers.BatchNormalization(name=f"batch_norm_{i}"),
+            keras.layers.ReLU(name=f"relu_{i}"),
+            keras.layers.MaxPool2D(2, padding="same", name=f"pool_{i}"),
+        ]
+    return layers
+
+
+@ENCODERS.register("image/cnn")
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class ImageCNNEncoder(keras.layers.Layer):
+    """CNN image encoder: conv blocks, global average pooling, Dense, dropout.
+
+    Call arguments:
+        images: float32 [B, H, W, C] in [0, 1] (zeros for an absent image).
+
+    Returns:
+        [B, output_dim] embeddings (ReLU).
+
+    Args:
+        width: filters of the first block (doubling per block).
+        depth: number of Conv2D-BatchNorm-ReLU-MaxPool blocks.
+        output_dim: embedding size.
+        dropout_rate: dropout on the embedding.
+        **kwargs: standard layer arguments.
+    """
+
+    def __init__(self, width: int = 32, depth: int = 2, output_dim: int = 64, dropout_rate: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        if width < 1 or depth < 1 or output_dim < 1:
+            raise ValueError(f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}")
+        self.width = width
+        self.depth = depth
+        self.output_dim = output_dim
+        self.dropout_rate = dropout_rate
+        self.blocks = conv_blocks(width, depth)
+        self.pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
+        self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
+        self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
+
+    @classmethod
+    def from_encoder_config(cls, config: EncoderConfig, **kwargs) -> ImageCNNEncoder:
+        """Builds the encoder from an :class:`EncoderConfig`; kwargs go to the layer."""
+        return cls(
+            width=config.width,
+            depth=config.depth,
+            output_dim=config.output_dim,
+            dropout_rate=config.dropout_rate,
+            **kwargs,
+        )
+
+    def call(self, images: tf.Tensor, training=None) -> tf.Tensor:
+        x = images
+        for layer in self.blocks:
+            x = layer(x, training=training)
+        x = self.projection(self.pool(x))
+        return self.dropout(x, training=training)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "width": self.width,
+                "depth": self.depth,
+                "output_dim": self.output_dim,
+                "dropout_rate": self.dropout_rate,
+            }
+        )
+        return config

@@ -1,0 +1,113 @@
+"""Text encoder: token embeddings and a (bidirectional) LSTM stack."""
+
+from __future__ import annotations
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import EncoderConfig
+from multimodal_tf.registry import ENCODERS
+
+
+def recurrent_layers(width: int, depth: int, bidirectional: bool) -> list[keras.layers.Layer]:
+    """``depth`` LSTM layers of ``width`` units; all but the last return sequences."""
+    layers = []
+    for i in range(depth):
+        lstm = keras.layers.LSTM(width, return_sequences=i < depth - 1, name=f"lstm_{i}")
+        if bidirectional:
+            lstm = keras.layers.Bidirectional(lstm, name=f"bidirectional_{i}")
+        layers.append(lstm)
+    return layers
+
+
+@ENCODERS.register("text/lstm")
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class TextLSTMEncoder(keras.layers.Layer):
+    """LSTM text encoder: Embedding (0 = padding, masked), LSTM stack, Dense, dropout.
+
+    A row of only padding (absent text) yields an all-zero embedding. Such a
+    row is given one unmasked step before the LSTMs, because the cuDNN kernel
+    rejects zero-length sequences; its output is then zeroed.
+
+    Call arguments:
+        tokens: int [B, T] token ids, right-padded with 0.
+
+    Returns:
+        [B, output_dim] embeddings (ReLU); zeros where a row has no token.
+
+    Args:
+        vocab_size: number of token ids (ids are < vocab_size).
+        embedding_dim: token embedding size.
+        width: LSTM units (per direction).
+        depth: number of LSTM layers.
+        bidirectional: wrap each LSTM in ``Bidirectional``.
+        output_dim: embedding size.
+        dropout_rate: dropout on the embedding.
+        **kwargs: standard layer arguments.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 32,
+        width: int = 32,
+        depth: int = 1,
+        bidirectional: bool = False,
+        output_dim: int = 64,
+        dropout_rate: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if vocab_size < 2:
+            raise ValueError(f"{self.name}: vocab_size must be >= 2 (id 0 is padding), got {vocab_size}")
+        if width < 1 or depth < 1 or output_dim < 1:
+            raise ValueError(f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}")
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        self.width = width
+        self.depth = depth
+        self.bidirectional = bidirectional
+        self.output_dim = output_dim
+        self.dropout_rate = dropout_rate
+        self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name="embedding")
+        self.recurrent = recurrent_layers(width, depth, bidirectional)
+        self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
+        self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
+
+    @classmethod
+    def from_encoder_config(cls, config: EncoderConfig, *, vocab_size: int, **kwargs) -> TextLSTMEncoder:
+        """Builds the encoder from an :class:`EncoderConfig` and the vocabulary size."""
+        return cls(
+            vocab_size=vocab_size,
+            embedding_dim=config.embedding_dim,
+            width=config.width,
+            depth=config.depth,
+            bidirectional=config.bidirectional,
+            output_dim=config.output_dim,
+            dropout_rate=config.dropout_rate,
+            **kwargs,
+        )
+
+    def call(self, tokens: tf.Tensor, training=None) -> tf.Tensor:
+        x = self.embedding(tokens)
+        mask = tf.not_equal(tokens, 0)  # [B, T]
+        has_tokens = tf.reduce_any(mask, axis=1)  # [B]
+        first_step = tf.range(tf.shape(tokens)[1]) == 0  # [T]
+        mask = tf.logical_or(mask, tf.logical_and(~has_tokens[:, None], first_step[None, :]))
+        for layer in self.recurrent:
+            x = layer(x, mask=mask, training=training)
+        x = self.dropout(self.projection(x), training=training)
+        return tf.where(has_tokens[:, None], x, tf.zeros_like(x))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "vocab_size": self.vocab_size,
+                "embedding_dim": self.embedding_dim,
+                "width": self.width,
+                "depth": self.depth,
+                "bidirectional": self.bidirectional,
+                "output_dim": self.output_dim,
+                "dropout_rate": self.dropout_rate,
+            }
+        )
+        return config

@@ -1,0 +1,191 @@
+"""``mmtf evaluate``: metrics, plots, modality ablation and a Markdown report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn import metrics as skm
+
+from multimodal_tf.compat import tf
+from multimodal_tf.data import features
+from multimodal_tf.data.pipeline import make_dataset
+from multimodal_tf.training import load_trained_model
+
+
+def predict_split(model, config, metadata, split: str, drop: tuple[str, ...] = ()):
+    """(probabilities [N, K], labels [N], ids [N]) with modalities in ``drop`` removed."""
+
+    def remove(x, y, ids):
+        x = dict(x)
+        for modality in drop:
+            x[modality] = tf.zeros_like(x[modality])
+            x[features.presence_name(modality)] = tf.zeros_like(x[features.presence_name(modality)])
+        return x, y, ids
+
+    dataset = make_dataset(config, split, training=False, metadata=metadata, with_ids=True).map(remove)
+    probabilities, labels, ids = [], [], []
+    for x, y, example_ids in dataset:
+        probabilities.append(model(x, training=False).numpy())
+        labels.append(y.numpy())
+        ids.append(example_ids.numpy())
+    probabilities = np.concatenate(probabilities)
+    if probabilities.shape[-1] == 1:  # binary head: P(class 1)
+        probabilities = np.concatenate([1 - probabilities, probabilities], axis=-1)
+    return probabilities, np.concatenate(labels), np.concatenate(ids)
+
+
+def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class P/R/F1, one-vs-rest ROC-AUC and log loss."""
+    k = len(label_names)
+    predictions = probabilities.argmax(-1)
+    classes = list(range(k))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        labels, predictions, labels=classes, zero_division=0
+    )
+    clipped = np.clip(probabilities, 1e-7, 1.0)
+    clipped /= clipped.sum(-1, keepdims=True)
+    result = {
+        "examples": int(len(labels)),
+        "accuracy": float(skm.accuracy_score(labels, predictions)),
+        "macro_f1": float(skm.f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
+        "log_loss": float(skm.log_loss(labels, clipped, labels=classes)),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(label_names, precision, recall, f1, support)
+        },
+    }
+    present = sorted(set(labels.tolist()))
+    try:
+        if k == 2:
+            result["roc_auc"] = float(skm.roc_auc_score(labels, clipped[:, 1]))
+        elif len(present) > 1:
+            # One-vs-rest over the classes present in this split.
+            sub = clipped[:, present] / clipped[:, present].sum(-1, keepdims=True)
+            result["roc_auc"] = float(skm.roc_auc_score(labels, sub, multi_class="ovr", labels=present))
+    except ValueError:
+        result["roc_auc"] = None
+    result["confusion_matrix"] = skm.confusion_matrix(labels, predictions, labels=classes).tolist()
+    return result
+
+
+def _plots(probabilities, labels, label_names, out_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(label_names)
+    paths = {}
+    matrix = skm.confusion_matrix(labels, probabilities.argmax(-1), labels=list(range(k)))
+    fig, axis = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
+    skm.ConfusionMatrixDisplay(matrix, display_labels=label_names).plot(ax=axis, colorbar=False, xticks_rotation=60)
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion_matrix.png", dpi=100)
+    plt.close(fig)
+    paths["confusion_matrix"] = "confusion_matrix.png"
+    fig, (roc_axis, pr_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for c, name in enumerate(label_names):
+        positives = labels == c
+        if positives.any() and (~positives).any():
+            skm.RocCurveDisplay.from_predictions(positives, probabilities[:, c], name=name, ax=roc_axis)
+            skm.PrecisionRecallDisplay.from_predictions(positives, probabilities[:, c], name=name, ax=pr_axis)
+    roc_axis.set_title("ROC (one vs rest)")
+    pr_axis.set_title("Precision-recall (one vs rest)")
+    for axis in (roc_axis, pr_axis):
+        axis.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out_dir / "roc_pr_curves.png", dpi=100)
+    plt.close(fig)
+    paths["roc_pr_curves"] = "roc_pr_curves.png"
+    return paths
+
+
+def modality_ablation(model, config, metadata, split: str) -> list[dict]:
+    """Accuracy with all modalities, each one removed, and each one alone."""
+    modalities = config.model.modalities
+    settings = [("all", ())]
+    if len(modalities) > 1:
+        settings += [(f"without {m}", (m,)) for m in modalities]
+        settings += [(f"only {m}", tuple(o for o in modalities if o != m)) for m in modalities]
+    rows = []
+    for name, drop in settings:
+        probabilities, labels, _ = predict_split(model, config, metadata, split, drop)
+        rows.append({"setting": name, "accuracy": float((probabilities.argmax(-1) == labels).mean())})
+    return rows
+
+
+def evaluate(run_dir: str | Path, split: str = "test", compare: tuple[str, ...] = (), ablation: bool = True) -> dict:
+    """Evaluates a run on ``split``; writes report.json, report.md and plots."""
+    run_dir = Path(run_dir)
+    config, metadata, model = load_trained_model(run_dir)
+    if split not in metadata.shards:
+        raise ValueError(f"split {split!r} not in the dataset; have {sorted(metadata.shards)}")
+    out_dir = run_dir / f"eval_{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probabilities, labels, ids = predict_split(model, config, metadata, split)
+    report = {
+        "run": str(run_dir),
+        "split": split,
+        "modalities": list(config.model.modalities),
+        "fusion": config.model.fusion.name,
+        "metrics": classification_metrics(probabilities, labels, metadata.label_names),
+    }
+    report["plots"] = {k: f"eval_{split}/{v}" for k, v in _plots(probabilities, labels, metadata.label_names, out_dir).items()}
+    if ablation:
+        report["ablation"] = modality_ablation(model, config, metadata, split)
+    report["comparison"] = [{"run": str(run_dir), "modalities": list(config.model.modalities),
+                             "fusion": config.model.fusion.name, "accuracy": report["metrics"]["accuracy"],
+                             "macro_f1": report["metrics"]["macro_f1"]}]
+    for other in compare:
+        other_config, other_metadata, other_model = load_trained_model(other)
+        p, y, _ = predict_split(other_model, other_config, other_metadata, split)
+        m = classification_metrics(p, y, other_metadata.label_names)
+        report["comparison"].append({"run": str(other), "modalities": list(other_config.model.modalities),
+                                     "fusion": other_config.model.fusion.name, "accuracy": m["accuracy"],
+                                     "macro_f1": m["macro_f1"]})
+    with open(out_dir / "predictions.csv", "w", encoding="utf-8") as f:
+        f.write("id,label,predicted," + ",".join(f"p_{i}" for i in range(probabilities.shape[1])) + "\n")
+        for i, y, p in zip(ids, labels, probabilities):
+            f.write(f"{i.decode()},{y},{p.argmax()}," + ",".join(f"{v:.5f}" for v in p) + "\n")
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (run_dir / "report.md").write_text(to_markdown(report, metadata.label_names))
+    return report
+
+
+def to_markdown(report: dict, label_names: list[str]) -> str:
+    m = report["metrics"]
+    auc = "n/a" if m.get("roc_auc") is None else f"{m['roc_auc']:.4f}"
+    lines = [
+        f"# Evaluation report: {report['run']} ({report['split']} split)",
+        "",
+        f"Modalities: {', '.join(report['modalities'])}; fusion: `{report['fusion']}`; {m['examples']} examples.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accuracy | {m['accuracy']:.4f} |",
+        f"| macro-F1 | {m['macro_f1']:.4f} |",
+        f"| ROC-AUC (one-vs-rest) | {auc} |",
+        f"| log loss | {m['log_loss']:.4f} |",
+        "",
+        "## Per class",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for name in label_names:
+        c = m["per_class"][name]
+        lines.append(f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
+    if report.get("ablation"):
+        lines += ["", "## Modality ablation", "", "| setting | accuracy |", "|---|---|"]
+        lines += [f"| {r['setting']} | {r['accuracy']:.4f} |" for r in report["ablation"]]
+    if len(report.get("comparison", [])) > 1:
+        lines += ["", "## Fused vs other runs", "", "| run | modalities | fusion | accuracy | macro-F1 |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r['run']} | {', '.join(r['modalities'])} | {r['fusion']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |"
+            for r in report["comparison"]
+        ]
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name}]({path})" for name, path in report["plots"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,211 @@
+"""``mmtf export``: versioned SavedModels for TF Serving with raw-input signatures.
+
+Every signature calls the same :class:`Preprocessor` the training pipeline
+uses, so serving cannot skew from training. Layout (TF Serving's)::
+
+    BASE/NAME/VERSION/saved_model.pb, variables/, assets.extra/
+        tf_serving_warmup_requests   TFRecord of PredictionLog
+        config.yaml, metadata.json, label_names.txt
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from multimodal_tf import config as config_lib
+from multimodal_tf.compat import tf
+from multimodal_tf.data import features
+from multimodal_tf.data.convert import default_tfrecord_dir
+from multimodal_tf.data.preprocessing import Preprocessor
+from multimodal_tf.training import load_trained_model
+
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+WARMUP_FILE = "tf_serving_warmup_requests"
+# tf-text ops missing from some TF Serving builds (FACTS.md).
+FORBIDDEN_TEXT_OPS = {"TFText>RoundRobinTrim", "TFText>RoundRobinGenerateMasks"}
+
+
+class ExportError(RuntimeError):
+    """The export would not run under TF Serving; the message says why."""
+
+
+class ServingModule(tf.Module):
+    """Preprocessing + model + label names, with TF Serving signatures.
+
+    Args:
+        model: a model from ``build_model`` with trained weights.
+        preprocessor: the training pipeline's preprocessor.
+        label_names: class names, index = class id.
+        head_type: ``multiclass``, ``binary`` or ``multilabel``.
+    """
+
+    def __init__(self, model, preprocessor: Preprocessor, label_names, head_type: str):
+        super().__init__(name="serving")
+        self.model = model
+        self.preprocessor = preprocessor
+        self.label_names = tf.constant(list(label_names))
+        self.head_type = head_type
+        self.modalities = preprocessor.modalities
+
+    def _outputs(self, model_features: dict) -> dict:
+        probabilities = self.model(model_features, training=False)
+        if self.head_type == "binary":  # one sigmoid unit -> [P(0), P(1)]
+            probabilities = tf.concat([1.0 - probabilities, probabilities], axis=-1)
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        outputs = {
+            "probabilities": probabilities,
+            "class_id": class_id,
+            "class_name": tf.gather(self.label_names, class_id),
+        }
+        for modality in self.modalities:
+            name = features.presence_name(modality)
+            outputs[name] = model_features[name]
+        return outputs
+
+    @tf.function
+    def serve_raw(self, raw):
+        return self._outputs(self.preprocessor(raw))
+
+    @tf.function
+    def serve_examples(self, examples):
+        return self._outputs(self.preprocessor(self.preprocessor.parse_examples(examples)))
+
+    @tf.function
+    def serve_features(self, model_features):
+        return self._outputs(model_features)
+
+    @tf.function
+    def classify(self, inputs):
+        outputs = self._outputs(self.preprocessor(self.preprocessor.parse_examples(inputs)))
+        scores = outputs["probabilities"]
+        classes = tf.tile(self.label_names[None, :], [tf.shape(scores)[0], 1])
+        return {"classes": classes, "scores": scores}
+
+    def signatures(self, feature_specs: dict) -> dict:
+        string = lambda name: tf.TensorSpec([None], tf.string, name=name)  # noqa: E731
+        return {
+            "serving_default": self.serve_raw.get_concrete_function({m: string(m) for m in self.modalities}),
+            "predict_examples": self.serve_examples.get_concrete_function(string("examples")),
+            "classify": self.classify.get_concrete_function(string("inputs")),
+            "predict_features": self.serve_features.get_concrete_function(feature_specs),
+        }
+
+
+def allowed_ops() -> set[str]:
+    """Core TF ops plus the ops of tensorflow-text's kernels (both linked in TF Serving)."""
+    import tensorflow_text
+    from tensorflow.core.framework import op_def_pb2
+    from tensorflow.python.client import pywrap_tf_session
+
+    names = set(dir(tf.raw_ops))
+    root = os.path.dirname(tensorflow_text.__file__)
+    for library in glob.glob(os.path.join(root, "python", "**", "_*.so"), recursive=True):
+        op_list = op_def_pb2.OpList()
+        op_list.ParseFromString(pywrap_tf_session.TF_GetOpList(pywrap_tf_session.TF_LoadLibrary(library)))
+        names |= {op.name for op in op_list.op}
+    return names - FORBIDDEN_TEXT_OPS
+
+
+def graph_ops(saved_model_dir: str | Path) -> set[str]:
+    """Every op type in a SavedModel's graph and function library."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    ops = set()
+    for meta_graph in proto.meta_graphs:
+        ops |= {node.op for node in meta_graph.graph_def.node}
+        for function in meta_graph.graph_def.library.function:
+            ops |= {node.op for node in function.node_def}
+    return ops
+
+
+def check_ops(saved_model_dir: str | Path) -> None:
+    """Raises ExportError naming every op TF Serving would not have."""
+    unknown = sorted(graph_ops(saved_model_dir) - allowed_ops())
+    if unknown:
+        raise ExportError(
+            f"the graph uses ops outside core TF and tensorflow-text: {', '.join(unknown)} "
+            "(tensorflow-io ops belong in conversion, never in the serving graph)"
+        )
+
+
+def set_method_name(saved_model_dir: str | Path, signature: str, method_name: str) -> None:
+    """Rewrites a signature's method_name (TF2 always writes ``.../predict``)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = Path(saved_model_dir) / "saved_model.pb"
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString(path.read_bytes())
+    for meta_graph in proto.meta_graphs:
+        meta_graph.signature_def[signature].method_name = method_name
+    path.write_bytes(proto.SerializeToString())
+
+
+def write_warmup(path: Path, config, metadata, model_name: str, count: int = 8) -> int:
+    """Writes up to ``count`` real requests (from the test/val TFRecords) as PredictionLogs."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    directory = Path(default_tfrecord_dir(config.data))
+    split = next((s for s in ("test", "val", "train") if s in metadata.shards), None)
+    records = []
+    if split and (directory / metadata.shards[split][0]).exists():
+        files = [str(directory / f) for f in metadata.shards[split]]
+        parsed = tf.data.TFRecordDataset(files).take(count).batch(count).map(
+            lambda s: tf.io.parse_example(s, features.raw_feature_spec())
+        )
+        records = list(parsed)
+    modalities = config.model.modalities
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        written = 0
+        for batch in records:
+            for i in range(int(tf.shape(batch[features.ID])[0])):
+                request = predict_pb2.PredictRequest(
+                    model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+                )
+                for modality in modalities:
+                    request.inputs[modality].CopyFrom(tf.make_tensor_proto([batch[modality][i].numpy()]))
+                log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+                writer.write(log.SerializeToString())
+                written += 1
+    return written
+
+
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.exists() else []
+    return max(versions, default=0) + 1
+
+
+def export_run(run_dir: str | Path, base_path: str | Path, model_name: str, version: int | None = None) -> Path:
+    """Exports a run's best weights to ``BASE/NAME/VERSION`` atomically."""
+    config, metadata, model = load_trained_model(run_dir)
+    model_dir = Path(base_path) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(model_dir)
+    final = model_dir / str(version)
+    if final.exists():
+        raise ExportError(f"{final} already exists; pick another --version")
+    preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model.modalities)
+    module = ServingModule(model, preprocessor, metadata.label_names, config.model.head.type)
+    specs = features.model_feature_specs(config.data, config.model.modalities)
+    # TF Serving ignores non-numeric folders, so a half-written export is invisible.
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    try:
+        tf.saved_model.save(module, str(tmp), signatures=module.signatures(specs))
+        set_method_name(tmp, "classify", CLASSIFY_METHOD)
+        check_ops(tmp)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        config_lib.save(config, extra / "config.yaml")
+        shutil.copy(Path(run_dir) / "metadata.json", extra / "metadata.json")
+        (extra / "label_names.txt").write_text("\n".join(metadata.label_names) + "\n", encoding="utf-8")
+        write_warmup(extra / WARMUP_FILE, config, metadata, model_name)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

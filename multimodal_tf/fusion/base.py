@@ -1,0 +1,112 @@
+"""Shared pieces of the fusion layers: the base class and presence masking.
+
+Every fusion layer is called as ``fusion(embeddings, presence)`` with two
+dicts keyed by modality: ``embeddings[m]`` is float [B, D_m] (D_m may differ
+between modalities) and ``presence[m]`` is a float 0/1 flag [B]. A modality
+whose flag is 0 must not change the output, whatever its embedding holds.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import MODALITIES, FusionConfig
+
+# Added to the logits of absent modalities before a softmax. Weights are
+# computed in float32 (see masked_softmax), where exp(-1e9) is exactly 0.
+_LARGE_NEGATIVE = -1e9
+
+
+class FusionLayer(keras.layers.Layer):
+    """Base class: holds the ordered modality names and validates inputs.
+
+    Subclasses implement ``call(embeddings, presence, training=None)`` and
+    may override :meth:`from_fusion_config`.
+
+    Args:
+        modalities: modality names in the order the layer stacks them.
+        **kwargs: standard layer arguments (``name``, ``dtype``, ...).
+    """
+
+    # Decision-level fusion outputs class probabilities, so the model adds no
+    # classifier head after it.
+    produces_probabilities = False
+
+    def __init__(self, modalities: Sequence[str], **kwargs):
+        super().__init__(**kwargs)
+        modalities = tuple(modalities)
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if not modalities or unknown or len(set(modalities)) != len(modalities):
+            raise ValueError(
+                f"{type(self).__name__}: modalities must be distinct names from {MODALITIES}, got {modalities}"
+            )
+        self.modalities = modalities
+
+    @classmethod
+    def from_fusion_config(
+        cls,
+        config: FusionConfig,
+        modalities: Sequence[str],
+        *,
+        num_outputs: int | None = None,
+        output_activation: str | None = None,
+        **kwargs,
+    ) -> FusionLayer:
+        """Builds the layer from a :class:`FusionConfig`.
+
+        ``num_outputs`` and ``output_activation`` describe the classifier
+        output; only decision-level fusion uses them.
+        """
+        del num_outputs, output_activation
+        return cls(
+            modalities=modalities,
+            hidden_dim=config.hidden_dim,
+            dropout_rate=config.dropout_rate,
+            **kwargs,
+        )
+
+    def _check_keys(self, embeddings: dict, presence: dict) -> None:
+        for what, value in (("embeddings", embeddings), ("presence", presence)):
+            if not isinstance(value, dict) or set(value) != set(self.modalities):
+                keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+                raise ValueError(f"{self.name}: {what} must be a dict keyed by {self.modalities}, got {keys}")
+
+    def stacked_presence(self, presence: dict, dtype=None) -> tf.Tensor:
+        """Presence flags as one [B, M] tensor in ``self.modalities`` order."""
+        dtype = dtype or self.compute_dtype
+        return tf.stack([tf.cast(presence[m], dtype) for m in self.modalities], axis=1)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"modalities": list(self.modalities)})
+        return config
+
+
+def masked_softmax(logits: tf.Tensor, presence: tf.Tensor) -> tf.Tensor:
+    """Softmax over the present modalities only, in float32.
+
+    Args:
+        logits: [M] or [B, M] logits.
+        presence: [B, M] 0/1 flags.
+
+    Returns:
+        float32 [B, M] weights: 0 for absent modalities, summing to 1 over the
+        present ones (all 0 for an example with no modality present).
+    """
+    logits = tf.cast(logits, tf.float32)
+    presence = tf.cast(presence, tf.float32)
+    logits = tf.broadcast_to(logits, tf.shape(presence))
+    masked = tf.where(presence > 0, logits, _LARGE_NEGATIVE)
+    # Multiplying by presence zeroes the uniform weights of an all-absent row.
+    return tf.nn.softmax(masked, axis=-1) * presence
+
+
+def zero_absent(embedding: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+    """[B, D] embedding with the rows of absent examples set to exactly 0.
+
+    ``tf.where`` (not a product) so that even a non-finite embedding of an
+    absent modality cannot leak into the output.
+    """
+    present = tf.cast(present, tf.float32) > 0
+    return tf.where(present[:, None], embedding, tf.zeros_like(embedding))

@@ -1,0 +1,116 @@
+"""Decision-level (late) fusion: one classifier per modality, then a weighted vote."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import FusionConfig
+from multimodal_tf.fusion.base import FusionLayer, masked_softmax, zero_absent
+from multimodal_tf.registry import FUSIONS
+
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+@FUSIONS.register("late")
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class LateFusion(FusionLayer):
+    """Decision-level fusion: per-modality classifiers averaged with learned weights.
+
+    Late fusion in the sense of Snoek et al., 2005, "Early versus Late Fusion
+    in Semantic Video Analysis" (see also Baltrušaitis et al., 2019, survey):
+    each modality has its own head (Dense-ReLU, dropout, Dense with the output
+    activation) producing class probabilities, and the probabilities are
+    averaged with weights softmaxed from one learned logit per modality over
+    the modalities present in each example. An example with no modality
+    present gets the uninformative output (1/num_outputs for softmax, 0.5 for
+    sigmoid). Outputs are float32 under any mixed-precision policy.
+
+    Call arguments:
+        embeddings: dict modality -> float [B, D_m].
+        presence: dict modality -> float 0/1 [B].
+
+    Returns:
+        float32 [B, num_outputs] probabilities.
+
+    Args:
+        modalities: modality names.
+        num_outputs: output units (classes, or 1 for a binary head).
+        output_activation: ``"softmax"`` (one class) or ``"sigmoid"``
+            (independent labels).
+        hidden_dim: hidden units of each per-modality head.
+        dropout_rate: dropout inside each head.
+        **kwargs: standard layer arguments.
+    """
+
+    produces_probabilities = True
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        num_outputs: int,
+        output_activation: str = "softmax",
+        hidden_dim: int = 64,
+        dropout_rate: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(modalities, **kwargs)
+        if output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(f"{self.name}: output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}")
+        if num_outputs < 1:
+            raise ValueError(f"{self.name}: num_outputs must be >= 1, got {num_outputs}")
+        self.num_outputs = num_outputs
+        self.output_activation = output_activation
+        self.hidden_dim = hidden_dim
+        self.dropout_rate = dropout_rate
+        self.hidden = {m: keras.layers.Dense(hidden_dim, activation="relu", name=f"{m}_hidden") for m in self.modalities}
+        self.dropouts = {m: keras.layers.Dropout(dropout_rate, name=f"{m}_dropout") for m in self.modalities}
+        self.classifiers = {
+            m: keras.layers.Dense(num_outputs, activation=output_activation, dtype="float32", name=f"{m}_classifier")
+            for m in self.modalities
+        }
+
+    @classmethod
+    def from_fusion_config(cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs):
+        if num_outputs is None or output_activation is None:
+            raise ValueError("late fusion needs num_outputs and output_activation (it outputs probabilities)")
+        return cls(
+            modalities=modalities,
+            num_outputs=num_outputs,
+            output_activation=output_activation,
+            hidden_dim=config.hidden_dim,
+            dropout_rate=config.dropout_rate,
+            **kwargs,
+        )
+
+    def build(self, input_shape):
+        self.modality_logits = self.add_weight(
+            name="modality_logits", shape=(len(self.modalities),), initializer="zeros", dtype="float32"
+        )
+        super().build(input_shape)
+
+    def call(self, embeddings, presence, training=None):
+        self._check_keys(embeddings, presence)
+        flags = self.stacked_presence(presence, tf.float32)  # [B, M]
+        weights = masked_softmax(self.modality_logits, flags)
+        probabilities = []
+        for m in self.modalities:
+            hidden = self.hidden[m](zero_absent(embeddings[m], presence[m]))
+            probabilities.append(self.classifiers[m](self.dropouts[m](hidden, training=training)))
+        probabilities = tf.stack(probabilities, axis=1)  # [B, M, num_outputs], float32
+        fused = tf.reduce_sum(probabilities * weights[:, :, None], axis=1)
+        prior = 1.0 / self.num_outputs if self.output_activation == "softmax" else 0.5
+        none_present = 1.0 - tf.reduce_max(flags, axis=1, keepdims=True)  # [B, 1]
+        return fused + none_present * prior
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "num_outputs": self.num_outputs,
+                "output_activation": self.output_activation,
+                "hidden_dim": self.hidden_dim,
+                "dropout_rate": self.dropout_rate,
+            }
+        )
+        return config

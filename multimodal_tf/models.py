@@ -1,0 +1,208 @@
+"""The model: per-modality encoders, modality dropout, fusion and a classifier head.
+
+:func:`build_model` is the one construction path; training, tuning and export
+all call it. :func:`loss_for` and :func:`labels_for_head` give the loss and
+target format that match the head type.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import MODALITIES, EncoderConfig, ExperimentConfig, ModelConfig
+from multimodal_tf.data import features
+from multimodal_tf.encoders import build_encoder, load_encoder_checkpoint
+from multimodal_tf.fusion import build_fusion
+
+OUTPUT_NAME = "probabilities"
+HEAD_TYPES = ("multiclass", "binary", "multilabel")
+
+
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class ModalityDropout(keras.layers.Layer):
+    """Hides whole modalities of training examples by clearing presence flags.
+
+    In training, each present modality of each example is hidden with its
+    configured probability (its flag set to 0, so encoders' outputs for it
+    are masked by the fusion). If that would hide every present modality of
+    an example, one of them, chosen uniformly, is kept instead. At inference
+    the flags pass through unchanged. Modality dropout as in Neverova et al.,
+    2016, "ModDrop".
+
+    Call arguments:
+        presence: dict modality -> float 0/1 [B].
+
+    Returns:
+        dict modality -> float32 0/1 [B], the same keys.
+
+    Args:
+        rates: modality -> probability of hiding it (modalities not listed
+            are never hidden).
+        seed: random seed.
+        **kwargs: standard layer arguments.
+    """
+
+    def __init__(self, rates: Mapping[str, float], seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        for modality, rate in rates.items():
+            if modality not in MODALITIES or not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{self.name}: rate for {modality!r} must be a modality with 0 <= rate <= 1, got {rate}")
+        self.rates = dict(rates)
+        self.seed = seed
+
+    def call(self, presence, training=None):
+        modalities = sorted(presence)  # a fixed order for the stacked [B, M] flags
+        flags = tf.stack([tf.cast(presence[m], tf.float32) for m in modalities], axis=1)
+        if not any(self.rates.get(m, 0.0) > 0 for m in modalities):
+            return {m: flags[:, i] for i, m in enumerate(modalities)}
+        if training is None:
+            training = keras.backend.learning_phase()
+        rates = tf.constant([self.rates.get(m, 0.0) for m in modalities], tf.float32)
+        flags = tf.__internal__.smart_cond.smart_cond(
+            training, lambda: self._drop(flags, rates), lambda: tf.identity(flags)
+        )
+        return {m: flags[:, i] for i, m in enumerate(modalities)}
+
+    def _drop(self, flags: tf.Tensor, rates: tf.Tensor) -> tf.Tensor:
+        """[B, M] flags -> flags with modalities hidden, never all present ones."""
+        kept = flags * tf.cast(tf.random.uniform(tf.shape(flags), seed=self.seed) >= rates, tf.float32)
+        # A random present modality per example, for examples that lost them all.
+        scores = tf.where(flags > 0, tf.random.uniform(tf.shape(flags), seed=self.seed), -1.0)
+        rescue = tf.one_hot(tf.argmax(scores, axis=1), tf.shape(flags)[1]) * flags
+        lost_all = tf.reduce_max(kept, axis=1, keepdims=True) <= 0
+        return tf.where(lost_all, rescue, kept)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"rates": dict(self.rates), "seed": self.seed})
+        return config
+
+
+def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
+    """Validated model modalities (a non-empty subset of MODALITIES, no repeats)."""
+    modalities = tuple(modalities)
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if not modalities or unknown or len(set(modalities)) != len(modalities):
+        raise ValueError(
+            f"model.modalities must be distinct names from {MODALITIES}, got {list(modalities)}"
+        )
+    return modalities
+
+
+def output_units(head_type: str, num_classes: int) -> tuple[int, str]:
+    """(units, activation) of the output layer for ``model.head.type``."""
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"model.head.type must be one of {HEAD_TYPES}, got {head_type!r}")
+    if head_type == "binary":
+        if num_classes != 2:
+            raise ValueError(f"model.head.type 'binary' needs exactly 2 classes, got num_classes={num_classes}")
+        return 1, "sigmoid"
+    if num_classes < (2 if head_type == "multiclass" else 1):
+        raise ValueError(f"model.head.type {head_type!r}: num_classes too small, got {num_classes}")
+    return num_classes, "softmax" if head_type == "multiclass" else "sigmoid"
+
+
+def encoder_config(model_config: ModelConfig, modality: str) -> EncoderConfig:
+    """The encoder config of ``modality``, checked to name an encoder for it."""
+    config = getattr(model_config, f"{modality}_encoder")
+    if not config.name.startswith(f"{modality}/"):
+        raise ValueError(
+            f"model.{modality}_encoder.name must name a {modality} encoder ('{modality}/...'), got {config.name!r}"
+        )
+    return config
+
+
+def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> keras.Model:
+    """Builds the (uncompiled) multimodal classifier.
+
+    Args:
+        config: the experiment; uses ``config.data`` (input shapes) and
+            ``config.model``.
+        num_classes: number of classes (2 for a binary head).
+        vocab_size: text vocabulary size (token ids are < vocab_size).
+
+    Returns:
+        A functional ``keras.Model`` taking the dict of
+        ``features.model_feature_specs(config.data, config.model.modalities)``
+        and returning one float32 tensor named ``"probabilities"``:
+        [B, num_classes] (multiclass, multilabel) or [B, 1] (binary).
+    """
+    model_config = config.model
+    modalities = check_modalities(model_config.modalities)
+    num_outputs, activation = output_units(model_config.head.type, num_classes)
+    specs = features.model_feature_specs(config.data, modalities)
+
+    # === Layers ===
+    encoders = {}
+    for modality in modalities:
+        extra = {"vocab_size": vocab_size} if modality == features.TEXT else {}
+        encoders[modality] = build_encoder(
+            encoder_config(model_config, modality), name=f"{modality}_encoder", **extra
+        )
+    rates = {m: getattr(model_config.modality_dropout, m) for m in modalities}
+    modality_dropout = ModalityDropout(rates, seed=config.train.seed, name="modality_dropout")
+    fusion = build_fusion(
+        model_config.fusion, modalities, num_outputs=num_outputs, output_activation=activation, name="fusion"
+    )
+    head = []
+    if not fusion.produces_probabilities:
+        for i, units in enumerate(model_config.head.hidden_units):
+            head.append(keras.layers.Dense(units, activation="relu", name=f"head_dense_{i}"))
+            head.append(keras.layers.Dropout(model_config.head.dropout_rate, name=f"head_dropout_{i}"))
+        # float32 so that the probabilities (and the loss) stay float32 under
+        # a mixed-precision policy.
+        output_layer = keras.layers.Dense(num_outputs, activation=activation, dtype="float32", name=OUTPUT_NAME)
+    else:
+        output_layer = keras.layers.Activation("linear", dtype="float32", name=OUTPUT_NAME)
+
+    # === Functional Model ===
+    inputs = {
+        name: keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=name) for name, spec in specs.items()
+    }
+    presence = modality_dropout({m: inputs[features.presence_name(m)] for m in modalities})
+    embeddings = {m: encoders[m](inputs[m]) for m in modalities}
+    x = fusion(embeddings, presence)
+    for layer in head:
+        x = layer(x)
+    outputs = output_layer(x)
+    model = keras.Model(inputs=inputs, outputs=outputs, name="multimodal_classifier")
+
+    for modality in modalities:
+        checkpoint = encoder_config(model_config, modality).checkpoint
+        if checkpoint:
+            load_encoder_checkpoint(encoders[modality], checkpoint)
+    return model
+
+
+def loss_for(config: ExperimentConfig) -> keras.losses.Loss:
+    """The loss matching ``config.model.head.type`` (on probabilities, not logits).
+
+    Multiclass: sparse categorical crossentropy on integer labels; binary and
+    multilabel: binary crossentropy on :func:`labels_for_head` targets.
+    """
+    head_type = config.model.head.type
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"model.head.type must be one of {HEAD_TYPES}, got {head_type!r}")
+    if head_type == "multiclass":
+        return keras.losses.SparseCategoricalCrossentropy()
+    return keras.losses.BinaryCrossentropy()
+
+
+def labels_for_head(labels: tf.Tensor, config: ExperimentConfig, num_classes: int) -> tf.Tensor:
+    """Integer class labels [B] -> the targets of ``config.model.head.type``.
+
+    Multiclass: the labels unchanged (int); binary: float32 [B, 1];
+    multilabel: float32 one-hot [B, num_classes] (an already multi-hot
+    [B, num_classes] input is only cast). Usable inside ``tf.data.map``.
+    """
+    head_type = config.model.head.type
+    output_units(head_type, num_classes)  # validates the pair
+    labels = tf.convert_to_tensor(labels)
+    if head_type == "multiclass":
+        return labels
+    if head_type == "binary":
+        return tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
+    if labels.shape.rank == 2:
+        return tf.cast(labels, tf.float32)
+    return tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)

@@ -1,0 +1,277 @@
+"""Which model versions are loaded: polling, version policies, hot reload.
+
+Like TF Serving's AspiredVersionsManager with its availability-preserving
+policy: a new version is loaded (and warmed up) before the version it
+replaces is unloaded, and an unloaded version is freed only once no request
+holds it, so a reload never fails an in-flight or new request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tensorflow_serving.apis import get_model_status_pb2
+
+from multimodal_tf.serving import inference
+from multimodal_tf.serving.config import ModelSpec
+from multimodal_tf.serving.errors import ServingError, not_found
+from multimodal_tf.serving.servable import Servable, describe_error
+
+State = get_model_status_pb2.ModelVersionStatus.State
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class VersionStatus:
+    """What GetModelStatus reports for one version."""
+
+    version: int
+    state: int = State.START
+    error: ServingError | None = None
+    servable: Servable | None = None
+    fingerprint: tuple | None = None  # of the folder whose load failed
+
+
+@dataclasses.dataclass
+class _Model:
+    spec: ModelSpec
+    versions: dict[int, VersionStatus] = dataclasses.field(default_factory=dict)
+
+
+def _fingerprint(path: Path) -> tuple:
+    """Changes when a version folder is rewritten, so a failed load is retried then."""
+    parts = []
+    for item in (path, path / "saved_model.pb", path / "variables"):
+        try:
+            stat = item.stat()
+            parts.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            parts.append(None)
+    return tuple(parts)
+
+
+def list_versions(base_path: str) -> dict[int, Path] | None:
+    """Numeric version folders under ``base_path``; None if it cannot be read.
+
+    Other names (``.tmp-3-x``, ``exports``) are ignored, which is what makes
+    "write to a temporary folder, then rename" an atomic publish.
+    """
+    try:
+        entries = list(os.scandir(base_path))
+    except OSError:
+        return None
+    return {int(e.name): Path(e.path) for e in entries if e.name.isdigit() and e.is_dir()}
+
+
+class ModelManager:
+    """Loads and serves the versions that each model's policy asks for.
+
+    Args:
+        specs: the models to serve.
+        poll_wait_seconds: seconds between polls of the base paths; 0 polls
+            once at start (TF Serving's ``--file_system_poll_wait_seconds``).
+        warmup: replay ``assets.extra/tf_serving_warmup_requests`` before a
+            version becomes AVAILABLE.
+    """
+
+    def __init__(self, specs: Sequence[ModelSpec], poll_wait_seconds: float = 1.0, warmup: bool = True):
+        self.poll_wait_seconds = poll_wait_seconds
+        self.warmup = warmup
+        self._lock = threading.RLock()
+        self._poll_lock = threading.Lock()  # one poll (and so one load) at a time
+        self._models: dict[str, _Model] = {spec.name: _Model(spec) for spec in specs}
+        self._retiring: list[VersionStatus] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unreadable: set[str] = set()
+
+    # === Lifecycle ===
+
+    def start(self) -> None:
+        """Loads what the policies ask for now, then keeps polling in the background."""
+        self.poll_once()
+        if self.poll_wait_seconds > 0:
+            self._thread = threading.Thread(target=self._poll_loop, name="model-poller", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops polling and unloads every version once its requests finish (or ``timeout``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._lock:
+            for model in self._models.values():
+                for status in model.versions.values():
+                    if status.state == State.AVAILABLE:
+                        self._retire(status)
+        for status in list(self._retiring):
+            if status.servable is not None:
+                status.servable.wait_idle(timeout)
+        self._reap()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_wait_seconds):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - the poller must outlive any one bad folder
+                logger.exception("model poll failed")
+
+    def set_config(self, specs: Sequence[ModelSpec]) -> None:
+        """Replaces the served models (a new model config), then polls."""
+        with self._lock:
+            wanted = {spec.name: spec for spec in specs}
+            for name in list(self._models):
+                if name not in wanted:
+                    for status in self._models.pop(name).versions.values():
+                        if status.state == State.AVAILABLE:
+                            self._retire(status)
+            for name, spec in wanted.items():
+                if name in self._models:
+                    self._models[name].spec = spec
+                else:
+                    self._models[name] = _Model(spec)
+        self.poll_once()
+
+    # === Polling ===
+
+    def poll_once(self) -> None:
+        """One pass: load aspired versions, then unload those no longer aspired."""
+        with self._poll_lock:
+            with self._lock:
+                models = list(self._models.values())
+            for model in models:
+                self._poll_model(model)
+            self._reap()
+
+    def _poll_model(self, model: _Model) -> None:
+        spec = model.spec
+        on_disk = list_versions(spec.base_path)
+        if on_disk is None:
+            if spec.name not in self._unreadable:
+                logger.warning("model %s: cannot read base path %s; keeping what is loaded", spec.name, spec.base_path)
+                self._unreadable.add(spec.name)
+            return
+        self._unreadable.discard(spec.name)
+        aspired = spec.aspired_versions(list(on_disk))
+        for version in aspired:  # newest first: it serves "latest" soonest
+            if self._stop.is_set():
+                return
+            if self._needs_load(model, version, on_disk[version]):
+                self._load(model, version, on_disk[version])
+        with self._lock:
+            available = [v for v in aspired if model.versions.get(v) and model.versions[v].state == State.AVAILABLE]
+            for version, status in model.versions.items():
+                if version not in aspired and status.state == State.AVAILABLE and (available or not aspired):
+                    self._retire(status)
+
+    def _needs_load(self, model: _Model, version: int, path: Path) -> bool:
+        status = model.versions.get(version)
+        if status is None or status.state == State.START:
+            return True
+        if status.state != State.END:
+            return False
+        return status.error is None or status.fingerprint != _fingerprint(path)
+
+    def _load(self, model: _Model, version: int, path: Path) -> None:
+        name = model.spec.name
+        with self._lock:
+            status = VersionStatus(version, State.LOADING)
+            model.versions[version] = status
+        logger.info("model %s: loading version %d from %s", name, version, path)
+        try:
+            servable = Servable(name, version, path)
+            if self.warmup:
+                count = inference.replay_warmup(servable)
+                logger.info("model %s version %d: replayed %d warmup requests", name, version, count)
+        except Exception as e:  # noqa: BLE001 - any failure is this version's status
+            error = describe_error(e)
+            logger.error("model %s: version %d failed to load: %s", name, version, error.message)
+            with self._lock:
+                status.state, status.error, status.fingerprint = State.END, error, _fingerprint(path)
+            return
+        with self._lock:
+            status.servable, status.state = servable, State.AVAILABLE
+        logger.info("model %s: version %d is AVAILABLE", name, version)
+
+    def _retire(self, status: VersionStatus) -> None:
+        """Stops routing to a version; it is freed by ``_reap`` once idle. Caller holds the lock."""
+        status.state = State.UNLOADING
+        self._retiring.append(status)
+
+    def _reap(self) -> None:
+        with self._lock:
+            for status in list(self._retiring):
+                if status.servable is None or status.servable.in_flight == 0:
+                    if status.servable is not None:
+                        status.servable.close()
+                    status.servable, status.state = None, State.END
+                    self._retiring.remove(status)
+
+    # === Requests ===
+
+    def _resolve(self, name: str, version: int | None, label: str | None) -> VersionStatus:
+        model = self._models.get(name)
+        if model is None:
+            raise not_found(f"Servable not found for request: Latest({name})")
+        if label:
+            labels = model.spec.labels
+            if label not in labels:
+                raise not_found(f"Unrecognized servable version label: {label}")
+            version = labels[label]
+        if version is not None:
+            status = model.versions.get(version)
+            if status is None or status.state != State.AVAILABLE:
+                raise not_found(f"Servable not found for request: Specific({name}, {version})")
+            return status
+        available = [s for s in model.versions.values() if s.state == State.AVAILABLE]
+        if not available:
+            raise not_found(f"Servable not found for request: Latest({name})")
+        return max(available, key=lambda s: s.version)
+
+    @contextlib.contextmanager
+    def servable(self, name: str, version: int | None = None, label: str | None = None) -> Iterator[Servable]:
+        """Holds a servable for one request; it is not freed until released."""
+        with self._lock:
+            status = self._resolve(name, version, label)
+            servable = status.servable
+            servable.acquire()
+        try:
+            yield servable
+        finally:
+            servable.release()
+            if status.state == State.UNLOADING and servable.in_flight == 0:
+                self._reap()
+
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+        """Version statuses, newest first (GetModelStatus)."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None or not model.versions:
+                raise not_found(f"Could not find any versions of model {name}")
+            if label:
+                if label not in model.spec.labels:
+                    raise not_found(f"Unrecognized servable version label: {label}")
+                version = model.spec.labels[label]
+            if version is not None:
+                if version not in model.versions:
+                    raise not_found(f"Could not find version {version} of model {name}")
+                return [dataclasses.replace(model.versions[version])]
+            return [dataclasses.replace(model.versions[v]) for v in sorted(model.versions, reverse=True)]
+
+    @property
+    def model_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def available_versions(self, name: str) -> list[int]:
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                return []
+            return sorted(v for v, s in model.versions.items() if s.state == State.AVAILABLE)

@@ -1,0 +1,133 @@
+"""TensorProto <-> numpy, and checking request tensors against a SignatureDef.
+
+Every check raises INVALID_ARGUMENT naming the input and what is wrong, so a
+client mistake never reaches the graph as a Python TypeError (which would
+surface as UNKNOWN/INTERNAL).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import input_pb2
+
+from multimodal_tf.compat import tf
+from multimodal_tf.serving.errors import invalid_argument
+
+# Dtypes a request may carry; resource/variant handles are never client data.
+_REQUEST_DTYPES = {
+    types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16,
+    types_pb2.DT_INT8, types_pb2.DT_INT16, types_pb2.DT_INT32, types_pb2.DT_INT64,
+    types_pb2.DT_UINT8, types_pb2.DT_UINT16, types_pb2.DT_UINT32, types_pb2.DT_UINT64,
+    types_pb2.DT_BOOL, types_pb2.DT_STRING, types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128,
+}  # fmt: skip
+
+
+def dtype_name(dtype_enum: int) -> str:
+    try:
+        return tf.dtypes.as_dtype(dtype_enum).name
+    except TypeError:
+        return f"<dtype {dtype_enum}>"
+
+
+def shape_of(tensor_info: meta_graph_pb2.TensorInfo) -> list[int] | None:
+    """Signature shape, -1 for unknown dims; None when the rank is unknown."""
+    shape = tensor_info.tensor_shape
+    return None if shape.unknown_rank else [d.size for d in shape.dim]
+
+
+def to_ndarray(proto: tensor_pb2.TensorProto, name: str, max_elements: int) -> np.ndarray:
+    """Request TensorProto -> numpy, refusing malformed or oversized tensors.
+
+    ``max_elements`` bounds the declared shape: TF expands a short value list
+    to the declared shape, so a tiny message could otherwise ask for
+    gigabytes.
+    """
+    if proto.dtype not in _REQUEST_DTYPES:
+        raise invalid_argument(f"input '{name}': dtype {dtype_name(proto.dtype)} is not allowed in a request")
+    if proto.tensor_shape.unknown_rank:
+        raise invalid_argument(f"input '{name}': tensor_shape must have a known rank")
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        raise invalid_argument(f"input '{name}': negative dimension in shape {dims}")
+    num_elements = int(np.prod(dims, dtype=np.float64)) if dims else 1
+    if num_elements > max_elements:
+        raise invalid_argument(f"input '{name}': shape {dims} has {num_elements} elements; the limit is {max_elements}")
+    try:
+        return tf.make_ndarray(proto)
+    except (ValueError, TypeError, IndexError, OverflowError) as e:
+        raise invalid_argument(f"input '{name}': malformed TensorProto ({e})") from None
+
+
+def to_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
+    return tf.make_tensor_proto(value)
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_inputs(signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, np.ndarray]) -> None:
+    """Input names, dtypes and shapes must match the signature (as TF Serving requires)."""
+    expected = set(signature.inputs)
+    sent = set(inputs)
+    for name in sorted(sent - expected):
+        raise invalid_argument(
+            f"input tensor alias not found in signature: {name}. "
+            f"Inputs expected to be in the set {{{','.join(sorted(expected))}}}."
+        )
+    missing = sorted(expected - sent)
+    if missing:
+        raise invalid_argument(
+            f"input size does not match signature: {len(sent)}!={len(expected)} "
+            f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Missing but required: {{{','.join(missing)}}}."
+        )
+    for name, value in inputs.items():
+        info = signature.inputs[name]
+        want = tf.dtypes.as_dtype(info.dtype)
+        got = tf.dtypes.as_dtype(value.dtype) if value.dtype != object else tf.string
+        if got != want:
+            raise invalid_argument(f"input '{name}': expected dtype {want.name}, got {got.name}")
+        shape = shape_of(info)
+        if shape is None:
+            continue
+        if len(shape) != value.ndim or any(s not in (-1, v) for s, v in zip(shape, value.shape)):
+            raise invalid_argument(
+                f"input '{name}': expected shape {_shape_text(shape)} (-1 = any), got {_shape_text(value.shape)}"
+            )
+
+
+def check_output_filter(signature: meta_graph_pb2.SignatureDef, output_filter) -> list[str]:
+    names = list(output_filter) or sorted(signature.outputs)
+    for name in names:
+        if name not in signature.outputs:
+            raise invalid_argument(
+                f"output tensor alias not found in signature: {name} Outputs expected to be in the set "
+                f"{{{','.join(sorted(signature.outputs))}}}."
+            )
+    return names
+
+
+def serialized_examples(request_input: input_pb2.Input) -> np.ndarray:
+    """Classify/Regress ``Input`` -> [N] serialized ``tf.Example`` strings.
+
+    With a context, each example is the context's bytes followed by the
+    example's: parsing the concatenation merges them with the example's
+    features winning, exactly as TF Serving feeds them.
+    """
+    kind = request_input.WhichOneof("kind")
+    if kind == "example_list":
+        examples = [e.SerializeToString() for e in request_input.example_list.examples]
+    elif kind == "example_list_with_context":
+        with_context = request_input.example_list_with_context
+        context = with_context.context.SerializeToString()
+        examples = [context + e.SerializeToString() for e in with_context.examples]
+    else:
+        raise invalid_argument("Input is empty: set example_list or example_list_with_context")
+    if not examples:
+        raise invalid_argument("Input is empty: it holds no examples")
+    return np.array(examples, dtype=object)

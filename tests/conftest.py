@@ -1,0 +1,45 @@
+"""Test setup: two logical CPU devices (for MirroredStrategy) and shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from multimodal_tf.compat import tf
+
+# Must run before TF initialises its devices: split the host CPU in two so
+# MirroredStrategy has two replicas on a GPU-less machine.
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
+    )
+except RuntimeError:  # already initialised (e.g. when imported twice)
+    pass
+
+SHARED_DATA = Path(os.environ.get("MMTF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_manifest(name: str) -> Path:
+    """Path of a real dataset's manifest, or skip the test with a clear reason."""
+    manifest = SHARED_DATA / name / "manifest.csv"
+    if not manifest.exists():
+        pytest.skip(f"real dataset {name!r} not found at {manifest} (set MMTF_SHARED_DATA)")
+    return manifest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """TFRecord conversions of one test session share one cache folder."""
+    os.environ["MMTF_CACHE_DIR"] = str(tmp_path_factory.mktemp("mmtf_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def synth_manifest(tmp_path_factory) -> Path:
+    """A small synthetic three-modality dataset (deterministic)."""
+    from multimodal_tf.data.synthetic import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("synth"), num_examples=240, seed=1)

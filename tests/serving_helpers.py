@@ -1,0 +1,253 @@
+"""Test SavedModels with the export contract's signatures, and test inputs.
+
+``make_test_savedmodel`` builds a real SavedModel (real preprocessing ops, a
+tiny tf_keras model, tf.saved_model.save, the classify method_name rewrite and
+a warmup file), so the server is tested on what it will serve in production.
+A build is cached per process and copied for further versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import MODALITIES, AudioConfig, DataConfig, ImageConfig, TextConfig
+from multimodal_tf.data import features
+from multimodal_tf.data.preprocessing import Preprocessor
+
+CLASS_NAMES = ("cat", "dog", "bird")
+VOCABULARY = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "cat", "dog", "bird", "sky")
+SAMPLE_RATE = 16000
+TINY_DATA = DataConfig(
+    image=ImageConfig(height=16, width=16),
+    text=TextConfig(max_tokens=8),
+    audio=AudioConfig(duration_seconds=0.25, num_mel_bins=16),
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# === Inputs ===
+
+
+def png_bytes(seed: int = 0, size: int = 20) -> bytes:
+    """A random RGB PNG."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return tf.io.encode_png(pixels).numpy()
+
+
+def wav_bytes(seed: int = 0, seconds: float = 0.3, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A 16-bit PCM mono WAV of a noisy tone."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    wave = 0.5 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + rng.normal(0, 0.05, t.shape)
+    samples = np.clip(wave, -1, 1).astype(np.float32)[:, None]
+    return tf.audio.encode_wav(samples, sample_rate).numpy()
+
+
+def text_of(seed: int = 0) -> str:
+    words = VOCABULARY[5:]
+    return " ".join(words[(seed + i) % len(words)] for i in range(3))
+
+
+def make_inputs(batch_size: int, seed: int = 0, absent: Sequence[str] = ()) -> dict[str, list[bytes]]:
+    """Raw inputs for ``serving_default``: lists of bytes, ``b""`` for ``absent`` modalities."""
+    makers = {
+        features.IMAGE: png_bytes,
+        features.TEXT: lambda s: text_of(s).encode(),
+        features.AUDIO: wav_bytes,
+    }
+    return {
+        modality: [b"" if modality in absent else make(seed + i) for i in range(batch_size)]
+        for modality, make in makers.items()
+    }
+
+
+def serialized_examples(inputs: dict[str, list[bytes]]) -> list[bytes]:
+    """``tf.Example`` bytes with one bytes feature per modality."""
+    batch_size = len(next(iter(inputs.values())))
+    examples = []
+    for i in range(batch_size):
+        feature = {
+            name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[values[i]]))
+            for name, values in inputs.items()
+        }
+        examples.append(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    return examples
+
+
+# === Model ===
+
+
+def _tiny_model(data: DataConfig, modalities: Sequence[str], seed: int) -> keras.Model:
+    """Flatten + Dense per modality, masked by presence -> softmax over 3 classes."""
+    specs = features.model_feature_specs(data, modalities)
+    inputs = {name: keras.Input(spec.shape[1:], dtype=spec.dtype, name=name) for name, spec in specs.items()}
+    branches = []
+    for index, modality in enumerate(modalities):
+        value = inputs[modality]
+        if modality == features.TEXT:
+            value = keras.layers.Embedding(len(VOCABULARY), 4, name="text_embedding")(value)
+        value = keras.layers.Flatten(name=f"{modality}_flatten")(value)
+        initializer = keras.initializers.GlorotUniform(seed=seed * 10 + index)
+        value = keras.layers.Dense(4, activation="tanh", kernel_initializer=initializer, name=f"{modality}_dense")(
+            value
+        )
+        presence = keras.layers.Reshape((1,), name=f"{modality}_presence")(inputs[features.presence_name(modality)])
+        branches.append(keras.layers.Multiply(name=f"{modality}_masked")([value, presence]))
+    fused = branches[0] if len(branches) == 1 else keras.layers.Concatenate(name="fusion")(branches)
+    head_init = keras.initializers.GlorotUniform(seed=seed * 10 + 9)
+    outputs = keras.layers.Dense(
+        len(CLASS_NAMES), activation="softmax", kernel_initializer=head_init, bias_initializer="ones", name="head"
+    )(fused)
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+class _ServingModule(tf.Module):
+    def __init__(self, preprocessor: Preprocessor, model: keras.Model):
+        super().__init__()
+        self.preprocessor = preprocessor
+        self.model = model
+        self.class_names = tf.constant(CLASS_NAMES)
+        self.modalities = preprocessor.modalities
+
+    def predict_from_features(self, model_features):
+        probabilities = self.model(model_features, training=False)
+        class_id = tf.argmax(probabilities, axis=-1)
+        outputs = {
+            "probabilities": probabilities,
+            "class_id": class_id,
+            "class_name": tf.gather(self.class_names, class_id),
+        }
+        for modality in self.modalities:
+            name = features.presence_name(modality)
+            outputs[name] = model_features[name]
+        return outputs
+
+    def predict_raw(self, raw):
+        return self.predict_from_features(self.preprocessor(raw))
+
+    def classify(self, serialized):
+        probabilities = self.predict_raw(self.preprocessor.parse_examples(serialized))["probabilities"]
+        batch_size = tf.shape(probabilities)[0]
+        classes = tf.tile(self.class_names[None, :], [batch_size, 1])
+        return {"classes": classes, "scores": probabilities}
+
+
+def _signatures(module: _ServingModule, data: DataConfig) -> dict:
+    raw_specs = [tf.TensorSpec([None], tf.string, name=m) for m in module.modalities]
+
+    @tf.function(input_signature=raw_specs)
+    def serve(*raw):
+        return module.predict_raw(dict(zip(module.modalities, raw)))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(inputs):
+        return module.classify(inputs)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def predict_examples(examples):
+        return module.predict_raw(module.preprocessor.parse_examples(examples))
+
+    feature_specs = features.model_feature_specs(data, module.modalities)
+
+    @tf.function(input_signature=[feature_specs])
+    def predict_features(model_features):
+        return module.predict_from_features(model_features)
+
+    return {
+        "serving_default": serve.get_concrete_function(),
+        "classify": classify.get_concrete_function(),
+        "predict_examples": predict_examples.get_concrete_function(),
+        "predict_features": predict_features.get_concrete_function(),
+    }
+
+
+def rewrite_method_name(export_dir: str | Path, signature_name: str, method_name: str) -> None:
+    """Sets a signature's ``method_name`` in saved_model.pb (TF2 always writes predict)."""
+    path = Path(export_dir) / "saved_model.pb"
+    saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        meta_graph.signature_def[signature_name].method_name = method_name
+    path.write_bytes(saved_model.SerializeToString())
+
+
+def write_warmup(export_dir: str | Path, model_name: str, modalities: Sequence[str]) -> None:
+    """assets.extra/tf_serving_warmup_requests: one Predict request of batch 2."""
+    inputs = make_inputs(2, seed=7)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = "serving_default"
+    for modality in modalities:
+        request.inputs[modality].CopyFrom(tf.make_tensor_proto(inputs[modality], tf.string))
+    log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+    extra = Path(export_dir) / "assets.extra"
+    extra.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(extra / "tf_serving_warmup_requests")) as writer:
+        writer.write(log.SerializeToString())
+
+
+@functools.lru_cache(maxsize=None)
+def _build(seed: int, modalities: tuple[str, ...], model_name: str) -> Path:
+    export_dir = Path(tempfile.mkdtemp(prefix="mmtf_test_savedmodel_")) / "model"
+    preprocessor = Preprocessor(TINY_DATA, VOCABULARY, modalities)
+    module = _ServingModule(preprocessor, _tiny_model(TINY_DATA, preprocessor.modalities, seed))
+    tf.saved_model.save(module, str(export_dir), signatures=_signatures(module, TINY_DATA))
+    rewrite_method_name(export_dir, "classify", "tensorflow/serving/classify")
+    write_warmup(export_dir, model_name, preprocessor.modalities)
+    return export_dir
+
+
+def make_test_savedmodel(
+    base_path: str | Path,
+    name: str,
+    version: int,
+    seed: int = 0,
+    modalities: Sequence[str] = MODALITIES,
+    atomic: bool = True,
+) -> Path:
+    """Writes BASE/NAME/VERSION with the export contract's signatures; returns it.
+
+    Args:
+        base_path: the model base folder's parent (TF Serving's ``/models``).
+        name: model name (folder under ``base_path``).
+        version: version folder name.
+        seed: weight seed; different seeds give different outputs.
+        modalities: the inputs of ``serving_default``.
+        atomic: write into a temporary folder and rename it into place, as an
+            exporter must when a server polls the folder.
+    """
+    source = _build(seed, tuple(m for m in MODALITIES if m in modalities), name)
+    model_dir = Path(base_path) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    target = model_dir / str(version)
+    if not atomic:
+        shutil.copytree(source, target)
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    os.rename(staging, target)
+    return target
+
+
+def make_broken_version(base_path: str | Path, name: str, version: int) -> Path:
+    """A version folder whose saved_model.pb is not a SavedModel."""
+    target = Path(base_path) / name / str(version)
+    target.mkdir(parents=True)
+    (target / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+    return target

@@ -1,0 +1,179 @@
+"""Manifest validation, conversion to TFRecords and the tf.data pipeline."""
+
+import csv
+import io
+import os
+import shutil
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from multimodal_tf import cli
+from multimodal_tf.compat import tf
+from multimodal_tf.config import DataConfig, ExperimentConfig
+from multimodal_tf.data import convert, pipeline, validate
+from multimodal_tf.data.audio_io import encode_wav16, parse_wav
+from multimodal_tf.data.metadata import DatasetMetadata
+from tests.conftest import shared_manifest
+
+HEADER = ["id", "image", "text", "audio", "label", "split"]
+
+
+def _png(path: Path, value=128):
+    Image.fromarray(np.full((6, 6, 3), value, np.uint8)).save(path)
+
+
+def _wav(path: Path, seconds=0.3, rate=16000):
+    t = np.arange(int(rate * seconds)) / rate
+    path.write_bytes(encode_wav16(0.3 * np.sin(2 * np.pi * 440 * t), rate))
+
+
+def _write_manifest(folder: Path, rows) -> Path:
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(HEADER)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def seeded_manifest(tmp_path) -> Path:
+    """Good records plus exactly five bad ones, one per failure kind."""
+    for i in range(4):
+        _png(tmp_path / f"ok{i}.png", 50 * i)
+        _wav(tmp_path / f"ok{i}.wav")
+    full = (tmp_path / "ok0.wav").read_bytes()
+    (tmp_path / "truncated.wav").write_bytes(full[: len(full) // 2])
+    (tmp_path / "corrupt.png").write_bytes((tmp_path / "ok0.png").read_bytes()[:30] + b"\x00garbage")
+    rows = [[f"good{i}", f"ok{i}.png", "a red thing", f"ok{i}.wav", i % 2, "train"] for i in range(4)]
+    rows += [
+        ["good_test", "ok1.png", "", "ok1.wav", 1, "test"],  # missing text: fine
+        ["bad_missing", "nope.png", "text", "ok0.wav", 0, "train"],
+        ["bad_wav", "ok0.png", "text", "truncated.wav", 0, "train"],
+        ["bad_png", "corrupt.png", "text", "ok0.wav", 1, "train"],
+        ["bad_utf8", "ok0.png", b"caf\xe9".decode("utf-8", "surrogateescape"), "ok0.wav", 1, "test"],
+        ["bad_label", "ok0.png", "text", "ok0.wav", 7, "test"],
+    ]
+    return _write_manifest(tmp_path, rows)
+
+
+def test_validation_reports_exactly_the_seeded_bad_records(seeded_manifest):
+    report = validate.validate(seeded_manifest, DataConfig())
+    by_id = {p.record_id: p for p in report.problems}
+    assert set(by_id) == {"bad_missing", "bad_wav", "bad_png", "bad_utf8", "bad_label"}
+    assert len(report.problems) == 5
+    assert (by_id["bad_missing"].field, "file not found") == ("image", by_id["bad_missing"].reason[:14])
+    assert by_id["bad_wav"].field == "audio" and "truncated" in by_id["bad_wav"].reason
+    assert by_id["bad_png"].field == "image" and "cannot decode" in by_id["bad_png"].reason
+    assert by_id["bad_utf8"].field == "text" and "UTF-8" in by_id["bad_utf8"].reason
+    assert by_id["bad_label"].field == "label" and "'7'" in by_id["bad_label"].reason
+    text = report.to_text()
+    assert "bad records: 5" in text and "missing: image 0, text 1, audio 0" in text
+
+
+def test_validate_cli_fails_or_skips(seeded_manifest, capsys):
+    assert cli.main(["data", "validate", str(seeded_manifest)]) == 1
+    out = capsys.readouterr()
+    assert "bad_png" in out.out and "FAILED: 5 bad records" in out.err
+    assert cli.main(["data", "validate", str(seeded_manifest), "--on-error", "skip"]) == 0
+
+
+def test_convert_fails_listing_records_or_skips_them(seeded_manifest, tmp_path, capsys):
+    assert cli.main(["data", "convert", str(seeded_manifest), str(tmp_path / "out")]) == 2
+    assert "bad_wav" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metadata.json").exists()
+    assert cli.main(["data", "convert", str(seeded_manifest), str(tmp_path / "out2"), "--on-error", "skip"]) == 0
+    metadata = DatasetMetadata.load(tmp_path / "out2")
+    assert len(metadata.counts["skipped"]) == 5
+    total = sum(metadata.counts[s]["examples"] for s in metadata.shards)
+    assert total == 5
+
+
+def test_audio_of_any_pcm_width_rate_and_channels_is_stored_as_16_bit_at_the_configured_rate(tmp_path):
+    rate = 8000
+    t = np.arange(rate // 2) / rate
+    tone = (0.4 * np.sin(2 * np.pi * 300 * t) * (1 << 23)).astype(np.int32)
+    raw = np.stack([tone, tone], -1).astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+    with wave.open(str(tmp_path / "a24.wav"), "wb") as w:
+        w.setnchannels(2), w.setsampwidth(3), w.setframerate(rate), w.writeframes(raw)
+    _png(tmp_path / "i.png")
+    manifest = _write_manifest(tmp_path, [["x", "i.png", "", "a24.wav", 0, "train"]])
+    config = DataConfig(validation_fraction=0.0)
+    convert.convert(manifest, tmp_path / "out", config, progress=False)
+    record = next(iter(tf.data.TFRecordDataset(str(next((tmp_path / "out").glob("train-*"))))))
+    example = tf.train.Example.FromString(record.numpy())
+    stored = example.features.feature["audio"].bytes_list.value[0]
+    values, stored_rate = parse_wav(stored)
+    assert stored_rate == 16000 and values.shape == (8000, 2)
+    assert stored[34] == 16  # bits per sample
+    assert abs(np.abs(values[:, 0]).max() - 0.4) < 0.05
+    assert example.features.feature["text_present"].int64_list.value[0] == 0
+
+
+def test_conversion_is_idempotent_and_atomic(synth_manifest, tmp_path):
+    out = tmp_path / "tfr"
+    first = convert.convert(synth_manifest, out, DataConfig(), progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    second = convert.convert(synth_manifest, out, DataConfig(), progress=False)
+    assert second == first
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    # An interrupted run: a leftover temp shard and no metadata -> redone, temp ignored.
+    (out / "metadata.json").unlink()
+    (out / ".train-00000-of-00004.tfrecord.tmp123").write_bytes(b"partial")
+    third = convert.convert(synth_manifest, out, DataConfig(), progress=False)
+    assert third.shards == first.shards
+    assert all(not name.startswith(".") for names in third.shards.values() for name in names)
+
+
+def test_pipeline_yields_every_example_once_with_its_label(synth_manifest, tmp_path):
+    config = ExperimentConfig(data=DataConfig(manifest=str(synth_manifest), tfrecord_dir=str(tmp_path / "t"), batch_size=16))
+    metadata = convert.convert(synth_manifest, tmp_path / "t", config.data, progress=False)
+    rows = {r["id"]: int(r["label"]) for r in csv.DictReader(open(synth_manifest))}
+    seen = {}
+    for split in ("train", "val", "test"):
+        for _, labels, ids in pipeline.make_dataset(config, split, training=False, with_ids=True):
+            for label, example_id in zip(labels.numpy(), ids.numpy()):
+                seen[example_id.decode()] = int(label)
+    assert seen == rows
+    assert sum(metadata.counts[s]["examples"] for s in ("train", "val", "test")) == len(rows)
+
+
+@pytest.mark.parametrize("num_files,workers,data_sharded", [(4, 2, False), (1, 2, True), (3, 2, False)])
+def test_multi_worker_sharding_covers_all_files_without_empty_workers(num_files, workers, data_sharded):
+    files = [f"f{i}" for i in range(num_files)]
+    parts = [pipeline.shard_files(files, tf.distribute.InputContext(workers, i, 1)) for i in range(workers)]
+    assert all(flag == data_sharded for _, flag in parts)
+    assert all(part for part, _ in parts)  # no worker without input
+    if not data_sharded:
+        assert sorted(f for part, _ in parts for f in part) == files
+
+
+def _manifest_counts(manifest: Path):
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    return rows, {s: sum(r["split"] == s for r in rows) for s in ("train", "test")}
+
+
+@pytest.mark.parametrize("name", ["avmnist", "emoji3"])
+def test_real_dataset_round_trip(name, tmp_path):
+    manifest = shared_manifest(name)
+    rows, split_counts = _manifest_counts(manifest)
+    config = ExperimentConfig(data=DataConfig(manifest=str(manifest), tfrecord_dir=str(tmp_path / name), batch_size=256))
+    metadata = convert.convert(manifest, tmp_path / name, config.data, progress=False)
+    assert metadata.counts["skipped"] == []
+    assert metadata.counts["train"]["examples"] + metadata.counts["val"]["examples"] == split_counts["train"]
+    assert metadata.counts["test"]["examples"] == split_counts["test"]
+    names = {int(r["label"]): r["label_name"] for r in rows}
+    assert metadata.label_names == [names[i] for i in range(len(names))]
+    expected = {r["id"]: int(r["label"]) for r in rows if r["split"] == "test"}
+    got = {}
+    for x, labels, ids in pipeline.make_dataset(config, "test", training=False, metadata=metadata, with_ids=True):
+        got.update({i.decode(): int(y) for i, y in zip(ids.numpy(), labels.numpy())})
+        if name == "avmnist":  # no text in avmnist: flagged absent, not an error
+            assert not x["text_present"].numpy().any() and x["audio_present"].numpy().all()
+    assert got == expected
+    if name == "avmnist":
+        assert metadata.counts["test"]["present"]["text"] == 0
