@@ -47,7 +47,7 @@ def cmd_convert(args) -> int:
 def cmd_synth(args) -> int:
     from multimodal_tf.data.synthetic import synthesize
 
-    manifest = synthesize(args.out_dir, num_examples=args.num_examples, seed=args.seed)
+    manifest = synthesize(args.out_dir, num_examples=args.num_examples, seed=args.seed, task=args.task)
     print(f"wrote {manifest}")
     return 0
 
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--num-examples", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=["multiclass", "binary"], default="multiclass")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train a model from a config")

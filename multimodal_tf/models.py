@@ -7,7 +7,7 @@ target format that match the head type.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import MODALITIES, EncoderConfig, ExperimentConfig, ModelConfig
@@ -47,7 +47,9 @@ class ModalityDropout(keras.layers.Layer):
         super().__init__(**kwargs)
         for modality, rate in rates.items():
             if modality not in MODALITIES or not 0.0 <= rate <= 1.0:
-                raise ValueError(f"{self.name}: rate for {modality!r} must be a modality with 0 <= rate <= 1, got {rate}")
+                raise ValueError(
+                    f"{self.name}: rate for {modality!r} must be a modality with 0 <= rate <= 1, got {rate}"
+                )
         self.rates = dict(rates)
         self.seed = seed
 
@@ -67,8 +69,10 @@ class ModalityDropout(keras.layers.Layer):
     def _drop(self, flags: tf.Tensor, rates: tf.Tensor) -> tf.Tensor:
         """[B, M] flags -> flags with modalities hidden, never all present ones."""
         kept = flags * tf.cast(tf.random.uniform(tf.shape(flags), seed=self.seed) >= rates, tf.float32)
-        # A random present modality per example, for examples that lost them all.
-        scores = tf.where(flags > 0, tf.random.uniform(tf.shape(flags), seed=self.seed), -1.0)
+        # A random present modality per example, for examples that lost them
+        # all. Another op seed: two ops with one seed draw the same numbers.
+        seed = None if self.seed is None else self.seed + 1
+        scores = tf.where(flags > 0, tf.random.uniform(tf.shape(flags), seed=seed), -1.0)
         rescue = tf.one_hot(tf.argmax(scores, axis=1), tf.shape(flags)[1]) * flags
         lost_all = tf.reduce_max(kept, axis=1, keepdims=True) <= 0
         return tf.where(lost_all, rescue, kept)
@@ -84,9 +88,7 @@ def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
     modalities = tuple(modalities)
     unknown = [m for m in modalities if m not in MODALITIES]
     if not modalities or unknown or len(set(modalities)) != len(modalities):
-        raise ValueError(
-            f"model.modalities must be distinct names from {MODALITIES}, got {list(modalities)}"
-        )
+        raise ValueError(f"model.modalities must be distinct names from {MODALITIES}, got {list(modalities)}")
     return modalities
 
 
@@ -96,7 +98,9 @@ def output_units(head_type: str, num_classes: int) -> tuple[int, str]:
         raise ValueError(f"model.head.type must be one of {HEAD_TYPES}, got {head_type!r}")
     if head_type == "binary":
         if num_classes != 2:
-            raise ValueError(f"model.head.type 'binary' needs exactly 2 classes, got num_classes={num_classes}")
+            raise ValueError(
+                f"model.head.type 'binary' needs exactly 2 classes, got num_classes={num_classes}"
+            )
         return 1, "sigmoid"
     if num_classes < (2 if head_type == "multiclass" else 1):
         raise ValueError(f"model.head.type {head_type!r}: num_classes too small, got {num_classes}")
@@ -152,7 +156,9 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
             head.append(keras.layers.Dropout(model_config.head.dropout_rate, name=f"head_dropout_{i}"))
         # float32 so that the probabilities (and the loss) stay float32 under
         # a mixed-precision policy.
-        output_layer = keras.layers.Dense(num_outputs, activation=activation, dtype="float32", name=OUTPUT_NAME)
+        output_layer = keras.layers.Dense(
+            num_outputs, activation=activation, dtype="float32", name=OUTPUT_NAME
+        )
     else:
         output_layer = keras.layers.Activation("linear", dtype="float32", name=OUTPUT_NAME)
 

@@ -50,3 +50,36 @@ def random_features(config: ExperimentConfig, batch_size: int = 4, seed: int = 0
         else:
             out[name] = rng.normal(size=shape).astype(np.float32)
     return out
+
+
+def fit_one_step(
+    model,
+    config: ExperimentConfig,
+    num_classes: int,
+    batch_size: int = 4,
+    vocab_size: int = 50,
+    run_eagerly: bool = False,
+) -> float:
+    """Compiles ``model`` with the loss of its head and fits one batch of random features.
+
+    Returns the training loss, so a test can check that it is finite.
+    ``run_eagerly`` skips tracing the train step (seconds per model).
+    """
+    from multimodal_tf import models  # noqa: PLC0415  (keeps this module light)
+
+    inputs = random_features(config, batch_size=batch_size, vocab_size=vocab_size)
+    labels = np.arange(batch_size) % num_classes
+    targets = models.labels_for_head(labels, config, num_classes)
+    model.compile(optimizer="adam", loss=models.loss_for(config), run_eagerly=run_eagerly)
+    history = model.fit(inputs, targets, batch_size=batch_size, epochs=1, verbose=0)
+    return float(history.history["loss"][-1])
+
+
+def assert_config_round_trip(layer) -> None:
+    """``type(layer).from_config(layer.get_config())`` has the same config."""
+    config = layer.get_config()
+    restored = type(layer).from_config(config)
+    if restored.get_config() != config:
+        raise AssertionError(
+            f"{layer.name}: config changed in a round trip:\n{config}\n{restored.get_config()}"
+        )

@@ -45,15 +45,24 @@ def save_encoder_checkpoint(encoder: keras.layers.Layer, path: str) -> str:
 def load_encoder_checkpoint(encoder: keras.layers.Layer, path: str) -> None:
     """Restores a built encoder from :func:`save_encoder_checkpoint` output.
 
+    Args:
+        encoder: the encoder layer, already built (called once).
+        path: checkpoint prefix, or a folder holding checkpoints (the latest
+            is used).
+
     Raises:
         ValueError: ``path`` is not a readable checkpoint, or it does not
             hold every weight of the encoder (e.g. a different width).
     """
-    if tf.train.latest_checkpoint(path) is None and not tf.io.gfile.exists(f"{path}.index"):
+    if tf.io.gfile.isdir(path):
+        path = tf.train.latest_checkpoint(path) or path
+    if not tf.io.gfile.exists(f"{path}.index"):
         raise ValueError(f"encoder checkpoint {path!r}: no checkpoint found (expected {path}.index)")
-    status = tf.train.Checkpoint(encoder=encoder).read(path)
     try:
+        status = tf.train.Checkpoint(encoder=encoder).read(path)
         status.assert_existing_objects_matched()
-    except AssertionError as error:
-        raise ValueError(f"encoder checkpoint {path!r} does not match encoder {encoder.name!r}: {error}") from None
+    except (AssertionError, ValueError) as error:
+        raise ValueError(
+            f"encoder checkpoint {path!r} does not fit encoder {encoder.name!r}: {error}"
+        ) from None
     status.expect_partial()

@@ -17,7 +17,9 @@ def spectrogram_norm() -> keras.layers.Layer:
     it expect, independent of the recording level. An all-zero (absent) clip
     stays all zero.
     """
-    return keras.layers.LayerNormalization(axis=[1, 2], center=False, scale=False, epsilon=1e-3, name="input_norm")
+    return keras.layers.LayerNormalization(
+        axis=[1, 2], center=False, scale=False, epsilon=1e-3, name="input_norm"
+    )
 
 
 class _AudioEncoder(keras.layers.Layer):
@@ -34,7 +36,9 @@ class _AudioEncoder(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         if width < 1 or depth < 1 or output_dim < 1:
-            raise ValueError(f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}")
+            raise ValueError(
+                f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}"
+            )
         self.width = width
         self.depth = depth
         self.output_dim = output_dim

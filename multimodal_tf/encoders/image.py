@@ -43,10 +43,14 @@ class ImageCNNEncoder(keras.layers.Layer):
         **kwargs: standard layer arguments.
     """
 
-    def __init__(self, width: int = 32, depth: int = 2, output_dim: int = 64, dropout_rate: float = 0.1, **kwargs):
+    def __init__(
+        self, width: int = 32, depth: int = 2, output_dim: int = 64, dropout_rate: float = 0.1, **kwargs
+    ):
         super().__init__(**kwargs)
         if width < 1 or depth < 1 or output_dim < 1:
-            raise ValueError(f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}")
+            raise ValueError(
+                f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}"
+            )
         self.width = width
         self.depth = depth
         self.output_dim = output_dim

@@ -59,7 +59,9 @@ class TextLSTMEncoder(keras.layers.Layer):
         if vocab_size < 2:
             raise ValueError(f"{self.name}: vocab_size must be >= 2 (id 0 is padding), got {vocab_size}")
         if width < 1 or depth < 1 or output_dim < 1:
-            raise ValueError(f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}")
+            raise ValueError(
+                f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}"
+            )
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
         self.width = width

@@ -6,7 +6,7 @@ Importing this package registers every family: ``concat``, ``weighted_sum``,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from multimodal_tf.config import FusionConfig
 from multimodal_tf.fusion.attention import AttentionFusion

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import FusionConfig
-from multimodal_tf.fusion.base import FusionLayer, zero_absent
+from multimodal_tf.fusion.base import FusionLayer, build_sublayer, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 
@@ -50,22 +50,30 @@ class AttentionFusion(FusionLayer):
     ):
         super().__init__(modalities, **kwargs)
         if hidden_dim % num_heads:
-            raise ValueError(f"{self.name}: hidden_dim {hidden_dim} is not divisible by num_heads {num_heads}")
+            raise ValueError(
+                f"{self.name}: hidden_dim {hidden_dim} is not divisible by num_heads {num_heads}"
+            )
         self.hidden_dim = hidden_dim
         self.num_heads = num_heads
         self.dropout_rate = dropout_rate
-        self.projections = {m: keras.layers.Dense(hidden_dim, name=f"{m}_projection") for m in self.modalities}
+        self.projections = {
+            m: keras.layers.Dense(hidden_dim, name=f"{m}_projection") for m in self.modalities
+        }
         self.attention = keras.layers.MultiHeadAttention(
             num_heads, hidden_dim // num_heads, dropout=dropout_rate, name="attention"
         )
         self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="attention_norm")
-        self.feedforward_inner = keras.layers.Dense(2 * hidden_dim, activation="gelu", name="feedforward_inner")
+        self.feedforward_inner = keras.layers.Dense(
+            2 * hidden_dim, activation="gelu", name="feedforward_inner"
+        )
         self.feedforward_outer = keras.layers.Dense(hidden_dim, name="feedforward_outer")
         self.feedforward_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="feedforward_norm")
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
     @classmethod
-    def from_fusion_config(cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs):
+    def from_fusion_config(
+        cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs
+    ):
         del num_outputs, output_activation
         return cls(
             modalities=modalities,
@@ -77,13 +85,26 @@ class AttentionFusion(FusionLayer):
 
     def build(self, input_shape):
         self.cls_token = self.add_weight(
-            name="cls_token", shape=(1, 1, self.hidden_dim), initializer=keras.initializers.TruncatedNormal(stddev=0.02)
+            name="cls_token",
+            shape=(1, 1, self.hidden_dim),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
         )
         self.modality_embedding = self.add_weight(
             name="modality_embedding",
             shape=(len(self.modalities), self.hidden_dim),
             initializer=keras.initializers.TruncatedNormal(stddev=0.02),
         )
+        # A MultiHeadAttention built lazily on first call is left at its
+        # initial weights when a Keras SavedModel is revived: build it here.
+        sequence_shape = tf.TensorShape([None, len(self.modalities) + 1, self.hidden_dim])
+        with tf.name_scope(self.attention.name):
+            self.attention._build_from_signature(query=sequence_shape, value=sequence_shape)
+        for m in self.modalities:
+            build_sublayer(self.projections[m], input_shape[m])
+        build_sublayer(self.attention_norm, sequence_shape)
+        build_sublayer(self.feedforward_inner, sequence_shape)
+        build_sublayer(self.feedforward_outer, [None, len(self.modalities) + 1, 2 * self.hidden_dim])
+        build_sublayer(self.feedforward_norm, sequence_shape)
         super().build(input_shape)
 
     def call(self, embeddings, presence, training=None):

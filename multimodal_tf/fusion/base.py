@@ -8,7 +8,7 @@ whose flag is 0 must not change the output, whatever its embedding holds.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import MODALITIES, FusionConfig
@@ -22,7 +22,8 @@ class FusionLayer(keras.layers.Layer):
     """Base class: holds the ordered modality names and validates inputs.
 
     Subclasses implement ``call(embeddings, presence, training=None)`` and
-    may override :meth:`from_fusion_config`.
+    may override :meth:`from_fusion_config`. They build their sublayers in
+    ``build``, so that a revived Keras SavedModel has them before any call.
 
     Args:
         modalities: modality names in the order the layer stacks them.
@@ -81,6 +82,16 @@ class FusionLayer(keras.layers.Layer):
         config = super().get_config()
         config.update({"modalities": list(self.modalities)})
         return config
+
+
+def build_sublayer(layer: keras.layers.Layer, input_shape) -> None:
+    """Builds ``layer`` from a parent's ``build``, under the layer's own name.
+
+    Without the name scope its weights would be called plain ``kernel:0``,
+    and an HDF5 weights file cannot hold two weights of one name.
+    """
+    with tf.name_scope(layer.name):
+        layer.build(tf.TensorShape(input_shape))
 
 
 def masked_softmax(logits: tf.Tensor, presence: tf.Tensor) -> tf.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import FusionConfig
@@ -37,7 +37,9 @@ class ConcatFusion(FusionLayer):
         super().__init__(modalities, **kwargs)
 
     @classmethod
-    def from_fusion_config(cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs):
+    def from_fusion_config(
+        cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs
+    ):
         del config, num_outputs, output_activation
         return cls(modalities=modalities, **kwargs)
 

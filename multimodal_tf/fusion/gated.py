@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.fusion.base import FusionLayer, zero_absent
+from multimodal_tf.fusion.base import FusionLayer, build_sublayer, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 
@@ -42,10 +42,18 @@ class GatedFusion(FusionLayer):
         self.hidden_dim = hidden_dim
         self.dropout_rate = dropout_rate
         self.candidates = {
-            m: keras.layers.Dense(hidden_dim, activation="tanh", name=f"{m}_candidate") for m in self.modalities
+            m: keras.layers.Dense(hidden_dim, activation="tanh", name=f"{m}_candidate")
+            for m in self.modalities
         }
         self.gate = keras.layers.Dense(len(self.modalities) * hidden_dim, activation="sigmoid", name="gate")
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
+
+    def build(self, input_shape):
+        for m in self.modalities:
+            build_sublayer(self.candidates[m], input_shape[m])
+        gate_inputs = sum(int(input_shape[m][-1]) for m in self.modalities) + len(self.modalities)
+        build_sublayer(self.gate, [None, gate_inputs])
+        super().build(input_shape)
 
     def call(self, embeddings, presence, training=None):
         self._check_keys(embeddings, presence)
@@ -55,11 +63,13 @@ class GatedFusion(FusionLayer):
         gates = tf.reshape(gates, [-1, len(self.modalities), self.hidden_dim])  # [B, M, hidden_dim]
         gates = gates * flags[:, :, None]
         candidates = tf.stack(
-            [zero_absent(self.candidates[m](x), presence[m]) for m, x in zip(self.modalities, masked)], axis=1
+            [
+                zero_absent(self.candidates[m](x), presence[m])
+                for m, x in zip(self.modalities, masked, strict=True)
+            ],
+            axis=1,
         )  # [B, M, hidden_dim]
-        fused = tf.math.divide_no_nan(
-            tf.reduce_sum(gates * candidates, axis=1), tf.reduce_sum(gates, axis=1)
-        )
+        fused = tf.math.divide_no_nan(tf.reduce_sum(gates * candidates, axis=1), tf.reduce_sum(gates, axis=1))
         return self.dropout(fused, training=training)
 
     def get_config(self) -> dict:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import FusionConfig
-from multimodal_tf.fusion.base import FusionLayer, masked_softmax, zero_absent
+from multimodal_tf.fusion.base import FusionLayer, build_sublayer, masked_softmax, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
@@ -56,22 +56,30 @@ class LateFusion(FusionLayer):
     ):
         super().__init__(modalities, **kwargs)
         if output_activation not in OUTPUT_ACTIVATIONS:
-            raise ValueError(f"{self.name}: output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}")
+            raise ValueError(
+                f"{self.name}: output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}"
+            )
         if num_outputs < 1:
             raise ValueError(f"{self.name}: num_outputs must be >= 1, got {num_outputs}")
         self.num_outputs = num_outputs
         self.output_activation = output_activation
         self.hidden_dim = hidden_dim
         self.dropout_rate = dropout_rate
-        self.hidden = {m: keras.layers.Dense(hidden_dim, activation="relu", name=f"{m}_hidden") for m in self.modalities}
+        self.hidden = {
+            m: keras.layers.Dense(hidden_dim, activation="relu", name=f"{m}_hidden") for m in self.modalities
+        }
         self.dropouts = {m: keras.layers.Dropout(dropout_rate, name=f"{m}_dropout") for m in self.modalities}
         self.classifiers = {
-            m: keras.layers.Dense(num_outputs, activation=output_activation, dtype="float32", name=f"{m}_classifier")
+            m: keras.layers.Dense(
+                num_outputs, activation=output_activation, dtype="float32", name=f"{m}_classifier"
+            )
             for m in self.modalities
         }
 
     @classmethod
-    def from_fusion_config(cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs):
+    def from_fusion_config(
+        cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs
+    ):
         if num_outputs is None or output_activation is None:
             raise ValueError("late fusion needs num_outputs and output_activation (it outputs probabilities)")
         return cls(
@@ -87,6 +95,9 @@ class LateFusion(FusionLayer):
         self.modality_logits = self.add_weight(
             name="modality_logits", shape=(len(self.modalities),), initializer="zeros", dtype="float32"
         )
+        for m in self.modalities:
+            build_sublayer(self.hidden[m], input_shape[m])
+            build_sublayer(self.classifiers[m], [None, self.hidden_dim])
         super().build(input_shape)
 
     def call(self, embeddings, presence, training=None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import FusionConfig
@@ -60,7 +60,9 @@ class TensorFusion(FusionLayer):
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
     @classmethod
-    def from_fusion_config(cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs):
+    def from_fusion_config(
+        cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs
+    ):
         del num_outputs, output_activation
         return cls(
             modalities=modalities,

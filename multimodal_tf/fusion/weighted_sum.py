@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.fusion.base import FusionLayer, masked_softmax, zero_absent
+from multimodal_tf.fusion.base import FusionLayer, build_sublayer, masked_softmax, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 
@@ -39,7 +39,8 @@ class WeightedSumFusion(FusionLayer):
         self.hidden_dim = hidden_dim
         self.dropout_rate = dropout_rate
         self.projections = {
-            m: keras.layers.Dense(hidden_dim, activation="relu", name=f"{m}_projection") for m in self.modalities
+            m: keras.layers.Dense(hidden_dim, activation="relu", name=f"{m}_projection")
+            for m in self.modalities
         }
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
@@ -47,6 +48,8 @@ class WeightedSumFusion(FusionLayer):
         self.modality_logits = self.add_weight(
             name="modality_logits", shape=(len(self.modalities),), initializer="zeros", trainable=True
         )
+        for m in self.modalities:
+            build_sublayer(self.projections[m], input_shape[m])
         super().build(input_shape)
 
     def call(self, embeddings, presence, training=None):

@@ -1,0 +1,141 @@
+"""Encoders: output shapes, config round trips, absent inputs, one fit step each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from multimodal_tf import encoders, models, testing
+from multimodal_tf.compat import tf
+from multimodal_tf.config import EncoderConfig
+from multimodal_tf.registry import ENCODERS
+
+BATCH = 4
+# Text and audio LSTMs at depth 1: tracing each LSTM layer costs seconds.
+CONFIGS = {
+    "image/cnn": EncoderConfig(name="image/cnn", width=8, depth=2, output_dim=16),
+    "text/lstm": EncoderConfig(name="text/lstm", width=8, depth=1, output_dim=16, embedding_dim=8),
+    "audio/cnn": EncoderConfig(name="audio/cnn", width=8, depth=2, output_dim=16),
+    "audio/lstm": EncoderConfig(name="audio/lstm", width=8, depth=1, output_dim=16),
+}
+INPUT_SHAPES = {"image": (16, 16, 3), "text": (8,), "audio": (23, 16)}
+VOCAB_SIZE = 50
+
+
+def make_encoder(name: str, **changes):
+    config = EncoderConfig(**{**CONFIGS[name].__dict__, **changes})
+    extra = {"vocab_size": VOCAB_SIZE} if name.startswith("text/") else {}
+    return encoders.build_encoder(config, name="encoder", **extra)
+
+
+def make_input(name: str, seed: int = 0) -> tf.Tensor:
+    rng = np.random.default_rng(seed)
+    shape = (BATCH,) + INPUT_SHAPES[name.split("/")[0]]
+    if name.startswith("text/"):
+        tokens = rng.integers(1, VOCAB_SIZE, shape)
+        tokens[:, 5:] = 0  # right padding
+        return tf.constant(tokens, tf.int64)
+    values = rng.normal(size=shape) - (4.0 if name.startswith("audio/") else 0.0)  # log-mel-like offset
+    return tf.constant(values, tf.float32)
+
+
+def test_registry_keys():
+    assert set(ENCODERS.keys()) >= {"image/cnn", "text/lstm", "audio/cnn", "audio/lstm"}
+
+
+def test_unknown_encoder_lists_known_ones():
+    with pytest.raises(KeyError, match="image/cnn"):
+        encoders.build_encoder(EncoderConfig(name="image/resnet9000"))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_output_shape_and_finite(name):
+    encoder = make_encoder(name)
+    for training in (False, True):
+        output = encoder(make_input(name), training=training)
+        assert output.shape == (BATCH, 16)
+        assert np.isfinite(output.numpy()).all()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_config_round_trip(name):
+    encoder = make_encoder(name, bidirectional=True)
+    encoder(make_input(name))
+    testing.assert_config_round_trip(encoder)
+    restored = type(encoder).from_config(encoder.get_config())
+    assert restored(make_input(name)).shape == (BATCH, 16)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_absent_input_gives_finite_output(name):
+    """What preprocessing emits for an absent modality (zeros) encodes without NaN."""
+    encoder = make_encoder(name)
+    absent = tf.zeros_like(make_input(name))
+    for training in (False, True):
+        assert np.isfinite(encoder(absent, training=training).numpy()).all()
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_text_all_padding_row_is_zero(bidirectional):
+    encoder = make_encoder("text/lstm", bidirectional=bidirectional, depth=2)
+    tokens = make_input("text/lstm").numpy()
+    tokens[1] = 0
+    output = encoder(tf.constant(tokens), training=False).numpy()
+    assert np.isfinite(output).all()
+    np.testing.assert_array_equal(output[1], 0.0)
+
+
+def test_text_padding_is_masked():
+    """Trailing padding does not change the encoding."""
+    encoder = make_encoder("text/lstm")
+    unpadded = encoder(tf.constant([[5, 6, 7]], tf.int64), training=False).numpy()
+    padded = encoder(tf.constant([[5, 6, 7, 0, 0, 0, 0, 0]], tf.int64), training=False).numpy()
+    np.testing.assert_allclose(padded, unpadded, atol=1e-6)
+
+
+def test_audio_encoders_ignore_recording_level():
+    """Per-clip normalisation: a constant offset of the log-mel map changes nothing."""
+    for name in ("audio/cnn", "audio/lstm"):
+        encoder = make_encoder(name)
+        spectrograms = make_input(name)
+        np.testing.assert_allclose(
+            encoder(spectrograms, training=False).numpy(),
+            encoder(spectrograms + 3.0, training=False).numpy(),
+            atol=1e-4,
+        )
+
+
+def test_encoder_checkpoint_round_trip(tmp_path):
+    encoder = make_encoder("image/cnn")
+    images = make_input("image/cnn")
+    expected = encoder(images, training=False).numpy()
+    prefix = encoders.save_encoder_checkpoint(encoder, str(tmp_path / "image_encoder"))
+    other = make_encoder("image/cnn")
+    other(images)
+    encoders.load_encoder_checkpoint(other, prefix)
+    np.testing.assert_allclose(other(images, training=False).numpy(), expected, atol=1e-6)
+    wider = make_encoder("image/cnn", width=4)
+    wider(images)
+    with pytest.raises(ValueError, match="does not fit"):
+        encoders.load_encoder_checkpoint(wider, prefix)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        encoders.load_encoder_checkpoint(other, str(tmp_path / "missing"))
+
+
+FIT_OVERRIDES = {
+    "image/cnn": ("model.modalities=[image]",),
+    "text/lstm": ("model.modalities=[text]", "model.text_encoder.depth=1"),
+    "audio/cnn": ("model.modalities=[audio]", "model.audio_encoder.name=audio/cnn"),
+    "audio/lstm": (
+        "model.modalities=[audio]",
+        "model.audio_encoder.name=audio/lstm",
+        "model.audio_encoder.depth=1",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIT_OVERRIDES))
+def test_fit_step_in_full_model(name):
+    config = testing.tiny_config(*FIT_OVERRIDES[name])
+    model = models.build_model(config, num_classes=3, vocab_size=VOCAB_SIZE)
+    assert np.isfinite(testing.fit_one_step(model, config, num_classes=3, vocab_size=VOCAB_SIZE))

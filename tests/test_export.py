@@ -1,0 +1,141 @@
+"""Export: signatures on raw inputs, fresh-process reload equality, op check, layout."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from multimodal_tf import cli, export
+from multimodal_tf.compat import tf
+from multimodal_tf.data import features
+from multimodal_tf.data.convert import default_tfrecord_dir
+from multimodal_tf.testing import tiny_config
+from multimodal_tf.training import load_trained_model, train
+
+
+@pytest.fixture(scope="module")
+def exported(synth_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export_run")
+    config = tiny_config(f"data.manifest={synth_manifest}", f"train.output_dir={out / 'run'}", "train.epochs=1",
+                         "model.fusion.name=attention")
+    run = train(config, progress=False)
+    assert cli.main(["export", str(run), "--base-path", str(out / "models"), "--model-name", "m"]) == 0
+    return run, out / "models" / "m" / "1"
+
+
+def _test_examples(run, count=6):
+    config, metadata, _ = load_trained_model(run)
+    directory = default_tfrecord_dir(config.data)
+    files = [str(directory / f) for f in metadata.shards["test"]]
+    return [r.numpy() for r in tf.data.TFRecordDataset(files).take(count)]
+
+
+def test_layout_and_assets(exported):
+    _, path = exported
+    assert (path / "saved_model.pb").exists() and (path / "variables").is_dir()
+    extra = path / "assets.extra"
+    assert (extra / "config.yaml").exists() and (extra / "label_names.txt").read_text().split() == [f"class_{i}" for i in range(8)]
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(extra / export.WARMUP_FILE))]
+    assert 0 < len(logs) < 1000
+    assert set(logs[0].predict_log.request.inputs) == {"image", "text", "audio"}
+
+
+def test_classify_method_name_and_op_set(exported):
+    _, path = exported
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    signatures = proto.meta_graphs[0].signature_def
+    assert signatures["classify"].method_name == export.CLASSIFY_METHOD
+    assert signatures["serving_default"].method_name == "tensorflow/serving/predict"
+    assert set(signatures) >= {"serving_default", "classify", "predict_examples", "predict_features"}
+    ops = export.graph_ops(path)
+    assert "FastWordpieceTokenizeWithOffsets" in ops and "DecodeWav" in ops
+    assert not [op for op in ops if op.startswith("IO>")]
+
+
+def test_check_ops_rejects_tensorflow_io_ops(tmp_path):
+    import tensorflow_io as tfio
+
+    class Module(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def f(self, x):
+            return {"y": tfio.audio.decode_wav(x[0], dtype=tf.int16)}
+
+    tf.saved_model.save(Module(), str(tmp_path), signatures={"serving_default": Module().f})
+    with pytest.raises(export.ExportError, match="IO>"):
+        export.check_ops(tmp_path)
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_text  # registers the tf-text ops the graph uses
+    model = tf.saved_model.load(sys.argv[1])
+    examples = tf.constant([r.numpy() for r in tf.data.TFRecordDataset(sys.argv[2])])
+    raw = tf.io.parse_example(examples, {
+        m: tf.io.FixedLenFeature([], tf.string, default_value="") for m in ("image", "text", "audio")})
+    out = {
+        "serving_default": model.signatures["serving_default"](**raw)["probabilities"].numpy().tolist(),
+        "predict_examples": model.signatures["predict_examples"](examples=examples)["probabilities"].numpy().tolist(),
+        "classify": model.signatures["classify"](inputs=examples)["scores"].numpy().tolist(),
+    }
+    print(json.dumps(out))
+    """
+)
+
+
+def test_reload_in_a_fresh_process_equals_the_in_memory_model(exported, tmp_path):
+    run, path = exported
+    config, metadata, model = load_trained_model(run)
+    examples = _test_examples(run)
+    from multimodal_tf.data.preprocessing import Preprocessor
+
+    preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model.modalities)
+    expected = model(preprocessor(preprocessor.parse_examples(tf.constant(examples))), training=False).numpy()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    with tf.io.TFRecordWriter(str(tmp_path / "examples.tfrecord")) as writer:
+        for example in examples:
+            writer.write(example)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "examples.tfrecord")],
+        capture_output=True, text=True, timeout=300, env=env, check=True,
+    )
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, values in outputs.items():
+        np.testing.assert_allclose(np.array(values), expected, atol=1e-5, err_msg=name)
+
+
+def test_raw_signature_handles_missing_modalities_and_names_bad_fields(exported):
+    _, path = exported
+    loaded = tf.saved_model.load(str(path))
+    serve = loaded.signatures["serving_default"]
+    out = serve(image=tf.constant([b""]), text=tf.constant(["a red thing"]), audio=tf.constant([b""]))
+    assert out["image_present"].numpy().tolist() == [0.0] and out["text_present"].numpy().tolist() == [1.0]
+    assert out["class_name"].numpy()[0].decode().startswith("class_")
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(), 1.0, atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image: not a PNG"):
+        serve(image=tf.constant([b"garbage"]), text=tf.constant([""]), audio=tf.constant([b""]))
+    features_out = loaded.signatures["predict_features"](
+        **{name: tf.zeros([1] + spec.shape[1:].as_list(), spec.dtype)
+           for name, spec in features.model_feature_specs(tiny_config().data).items()}
+    )
+    assert features_out["probabilities"].shape == (1, 8)
+
+
+def test_versions_increment_and_existing_versions_are_refused(exported, tmp_path):
+    run, _ = exported
+    first = export.export_run(run, tmp_path, "m")
+    second = export.export_run(run, tmp_path, "m")
+    assert (first.name, second.name) == ("1", "2")
+    with pytest.raises(export.ExportError, match="already exists"):
+        export.export_run(run, tmp_path, "m", version=2)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]  # no temp dirs left

@@ -1,0 +1,153 @@
+"""Fusion layers: shapes, config round trips, presence masking, one fit step each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from multimodal_tf import fusion, models, testing
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import FusionConfig
+from multimodal_tf.registry import FUSIONS
+
+NAMES = ("concat", "weighted_sum", "gated", "attention", "late", "tensor")
+MODALITIES = ("image", "text", "audio")
+DIMS = {"image": 6, "text": 4, "audio": 5}  # different sizes on purpose
+BATCH = 5
+HIDDEN_DIM = 8
+NUM_CLASSES = 3
+OUTPUT_DIMS = {
+    "concat": sum(DIMS.values()) + len(MODALITIES),
+    "weighted_sum": HIDDEN_DIM,
+    "gated": HIDDEN_DIM,
+    "attention": HIDDEN_DIM,
+    "late": NUM_CLASSES,
+    "tensor": HIDDEN_DIM,
+}
+# Rows: all present, image absent, text and audio absent, only audio absent, none present.
+PRESENCE = {
+    "image": [1, 0, 1, 1, 0],
+    "text": [1, 1, 0, 1, 0],
+    "audio": [1, 1, 0, 0, 0],
+}
+
+
+def make_fusion(name: str, modalities=MODALITIES):
+    config = FusionConfig(name=name, hidden_dim=HIDDEN_DIM, num_heads=2, rank=3, dropout_rate=0.1)
+    return fusion.build_fusion(
+        config, modalities, num_outputs=NUM_CLASSES, output_activation="softmax", name="fusion"
+    )
+
+
+def make_inputs(seed: int = 0, scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    embeddings = {m: tf.constant(scale * rng.normal(size=(BATCH, DIMS[m])), tf.float32) for m in MODALITIES}
+    presence = {m: tf.constant(PRESENCE[m], tf.float32) for m in MODALITIES}
+    return embeddings, presence
+
+
+def test_registry_keys():
+    assert set(FUSIONS.keys()) >= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_output_shape_and_finite(name):
+    layer = make_fusion(name)
+    embeddings, presence = make_inputs()
+    for training in (False, True):
+        output = layer(embeddings, presence, training=training)
+        assert output.shape == (BATCH, OUTPUT_DIMS[name])
+        assert np.isfinite(output.numpy()).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_round_trip(name):
+    layer = make_fusion(name)
+    layer(*make_inputs())
+    testing.assert_config_round_trip(layer)
+    restored = type(layer).from_config(layer.get_config())
+    assert restored(*make_inputs()).shape == (BATCH, OUTPUT_DIMS[name])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_absent_modality_does_not_change_output(name):
+    layer = make_fusion(name)
+    embeddings, presence = make_inputs(seed=0)
+    changed, _ = make_inputs(seed=1, scale=100.0)
+    # Absent rows take values from `changed`; present rows stay as they were.
+    mixed = {m: tf.where(presence[m][:, None] > 0, embeddings[m], changed[m]) for m in MODALITIES}
+    expected = layer(embeddings, presence, training=False).numpy()
+    np.testing.assert_allclose(layer(mixed, presence, training=False).numpy(), expected, rtol=0, atol=1e-6)
+    # ...whereas changing a present modality does change the output.
+    mixed["text"] = tf.where(presence["text"][:, None] > 0, changed["text"], embeddings["text"])
+    assert not np.allclose(layer(mixed, presence, training=False).numpy()[0], expected[0])
+
+
+@pytest.mark.parametrize("name", ["weighted_sum", "gated", "late"])
+def test_one_present_modality_takes_all_the_weight(name):
+    """With only image present, the output is the image branch's own output."""
+    layer = make_fusion(name)
+    embeddings, _ = make_inputs()
+    image_only = {m: tf.constant([1.0 if m == "image" else 0.0] * BATCH) for m in MODALITIES}
+    output = layer(embeddings, image_only, training=False).numpy()
+    if name == "late":
+        expected = layer.classifiers["image"](layer.hidden["image"](embeddings["image"])).numpy()
+    elif name == "weighted_sum":
+        expected = layer.projections["image"](embeddings["image"]).numpy()
+    else:
+        expected = layer.candidates["image"](embeddings["image"]).numpy()
+    np.testing.assert_allclose(output, expected, atol=1e-5)
+
+
+def test_attention_keras_saved_model_round_trip(tmp_path):
+    """A revived SavedModel restores every weight, those of MultiHeadAttention included."""
+    embedding_inputs = {m: keras.Input((DIMS[m],), name=m) for m in MODALITIES}
+    presence_inputs = {m: keras.Input((), name=f"{m}_present") for m in MODALITIES}
+    outputs = make_fusion("attention")(embedding_inputs, presence_inputs)
+    model = keras.Model(
+        {**embedding_inputs, **{f"{m}_present": presence_inputs[m] for m in MODALITIES}}, outputs
+    )
+    embeddings, presence = make_inputs()
+    inputs = {**embeddings, **{f"{m}_present": presence[m] for m in MODALITIES}}
+    expected = model(inputs, training=False).numpy()
+    model.save(tmp_path / "model")
+    reloaded = keras.models.load_model(tmp_path / "model")
+    np.testing.assert_allclose(reloaded(inputs, training=False).numpy(), expected, atol=1e-6)
+
+
+def test_late_fusion_outputs_probabilities():
+    layer = make_fusion("late")
+    output = layer(*make_inputs(), training=False).numpy()
+    np.testing.assert_allclose(output.sum(axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(output[-1], 1.0 / NUM_CLASSES, atol=1e-6)  # no modality present
+    with pytest.raises(ValueError, match="num_outputs"):
+        fusion.build_fusion(FusionConfig(name="late"), MODALITIES)
+
+
+def test_masked_softmax_ignores_absent_modalities():
+    weights = fusion.masked_softmax(
+        tf.constant([1.0, 2.0, 3.0]), tf.constant([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    )
+    expected = np.exp([1.0, 3.0]) / np.exp([1.0, 3.0]).sum()
+    np.testing.assert_allclose(weights.numpy(), [[expected[0], 0.0, expected[1]], [0.0, 0.0, 0.0]], atol=1e-6)
+
+
+def test_invalid_arguments_are_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        fusion.AttentionFusion(MODALITIES, hidden_dim=10, num_heads=4)
+    with pytest.raises(ValueError, match="modalities"):
+        fusion.ConcatFusion(("image", "video"))
+    layer = make_fusion("concat")
+    embeddings, presence = make_inputs()
+    with pytest.raises(ValueError, match="presence"):
+        layer(embeddings, {"image": presence["image"]})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_step_in_full_model(name):
+    # Image + audio (as in AV-MNIST), run eagerly: tracing six train steps
+    # would cost seconds each; the traced train step of a full model is
+    # tested in test_models.py and test_encoders.py.
+    config = testing.tiny_config(f"model.fusion.name={name}", "model.modalities=[image,audio]")
+    model = models.build_model(config, num_classes=NUM_CLASSES, vocab_size=50)
+    assert np.isfinite(testing.fit_one_step(model, config, num_classes=NUM_CLASSES, run_eagerly=True))
