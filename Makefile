@@ -35,7 +35,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format multimodal_tf tests benchmarks
 
 results: $(STAMP)
-	$(PY) -m pytest -q -m results $(PYTEST_ARGS)
+	$(PY) pipelines/results.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py

@@ -8,13 +8,14 @@ A build is cached per process and copied for further versions.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tensorflow.core.protobuf import saved_model_pb2
@@ -105,15 +106,21 @@ def _tiny_model(data: DataConfig, modalities: Sequence[str], seed: int) -> keras
             value = keras.layers.Embedding(len(VOCABULARY), 4, name="text_embedding")(value)
         value = keras.layers.Flatten(name=f"{modality}_flatten")(value)
         initializer = keras.initializers.GlorotUniform(seed=seed * 10 + index)
-        value = keras.layers.Dense(4, activation="tanh", kernel_initializer=initializer, name=f"{modality}_dense")(
-            value
+        value = keras.layers.Dense(
+            4, activation="tanh", kernel_initializer=initializer, name=f"{modality}_dense"
+        )(value)
+        presence = keras.layers.Reshape((1,), name=f"{modality}_presence")(
+            inputs[features.presence_name(modality)]
         )
-        presence = keras.layers.Reshape((1,), name=f"{modality}_presence")(inputs[features.presence_name(modality)])
         branches.append(keras.layers.Multiply(name=f"{modality}_masked")([value, presence]))
     fused = branches[0] if len(branches) == 1 else keras.layers.Concatenate(name="fusion")(branches)
     head_init = keras.initializers.GlorotUniform(seed=seed * 10 + 9)
     outputs = keras.layers.Dense(
-        len(CLASS_NAMES), activation="softmax", kernel_initializer=head_init, bias_initializer="ones", name="head"
+        len(CLASS_NAMES),
+        activation="softmax",
+        kernel_initializer=head_init,
+        bias_initializer="ones",
+        name="head",
     )(fused)
     return keras.Model(inputs, outputs, name="tiny")
 
@@ -154,7 +161,7 @@ def _signatures(module: _ServingModule, data: DataConfig) -> dict:
 
     @tf.function(input_signature=raw_specs)
     def serve(*raw):
-        return module.predict_raw(dict(zip(module.modalities, raw)))
+        return module.predict_raw(dict(zip(module.modalities, raw, strict=False)))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
     def classify(inputs):
@@ -202,14 +209,26 @@ def write_warmup(export_dir: str | Path, model_name: str, modalities: Sequence[s
         writer.write(log.SerializeToString())
 
 
-@functools.lru_cache(maxsize=None)
-def _build(seed: int, modalities: tuple[str, ...], model_name: str) -> Path:
-    export_dir = Path(tempfile.mkdtemp(prefix="mmtf_test_savedmodel_")) / "model"
+@functools.cache
+def _module(modalities: tuple[str, ...]) -> tuple[_ServingModule, dict]:
+    """The module and its traced signatures; tracing is the slow part, so it is done once."""
     preprocessor = Preprocessor(TINY_DATA, VOCABULARY, modalities)
-    module = _ServingModule(preprocessor, _tiny_model(TINY_DATA, preprocessor.modalities, seed))
-    tf.saved_model.save(module, str(export_dir), signatures=_signatures(module, TINY_DATA))
+    module = _ServingModule(preprocessor, _tiny_model(TINY_DATA, preprocessor.modalities, seed=0))
+    return module, _signatures(module, TINY_DATA)
+
+
+@functools.cache
+def _build(seed: int, modalities: tuple[str, ...], model_name: str) -> Path:
+    module, signatures = _module(modalities)
+    rng = np.random.default_rng(seed)
+    for weight in module.model.weights:  # same graph, weights drawn from this seed
+        weight.assign(rng.uniform(-0.8, 0.8, weight.shape).astype(weight.dtype.as_numpy_dtype))
+    root = tempfile.mkdtemp(prefix="mmtf_test_savedmodel_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    export_dir = Path(root) / "model"
+    tf.saved_model.save(module, str(export_dir), signatures=signatures)
     rewrite_method_name(export_dir, "classify", "tensorflow/serving/classify")
-    write_warmup(export_dir, model_name, preprocessor.modalities)
+    write_warmup(export_dir, model_name, module.modalities)
     return export_dir
 
 

@@ -80,7 +80,9 @@ class AudioCNNEncoder(_AudioEncoder):
     """CNN over the log-mel map treated as a one-channel image.
 
     Per-clip normalisation, then the image encoder's Conv2D-BatchNorm-ReLU-
-    MaxPool blocks, global average pooling, Dense and dropout.
+    MaxPool blocks, max pooling over time only (a word may start anywhere in
+    the clip, but which mel bands are active is the information), flatten
+    over bands x channels, Dense and dropout.
 
     Call arguments:
         spectrograms: float32 [B, frames, mel_bins] log-mel (zeros if absent).
@@ -101,13 +103,14 @@ class AudioCNNEncoder(_AudioEncoder):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.blocks = conv_blocks(self.width, self.depth)
-        self.pool = keras.layers.GlobalAveragePooling2D(name="global_pool")
+        self.flatten = keras.layers.Flatten(name="flatten")
 
     def call(self, spectrograms: tf.Tensor, training=None) -> tf.Tensor:
         x = self.input_norm(spectrograms)[..., None]  # [B, frames, mel_bins, 1]
         for layer in self.blocks:
             x = layer(x, training=training)
-        x = self.projection(self.pool(x))
+        x = tf.reduce_max(x, axis=1)  # [B, bands, channels]: pooled over time
+        x = self.projection(self.flatten(x))
         return self.dropout(x, training=training)
 
 

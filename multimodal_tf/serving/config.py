@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 from tensorflow_serving.config import model_server_config_pb2
@@ -91,6 +91,13 @@ def parse_model_config(text: str, where: str = "<model config>") -> list[ModelSp
         text_format.Parse(text, config)
     except text_format.ParseError as e:
         raise ServingConfigError(f"{where}: {e}") from None
+    return specs_from_proto(config, where)
+
+
+def specs_from_proto(
+    config: model_server_config_pb2.ModelServerConfig, where: str = "<model config>"
+) -> list[ModelSpec]:
+    """Model specs of a ``ModelServerConfig`` (a parsed file or a ReloadConfigRequest)."""
     if config.HasField("custom_model_config"):
         raise ServingConfigError(f"{where}: custom_model_config is not supported; use model_config_list")
     specs = [_spec_from_proto(c, where) for c in config.model_config_list.config]
@@ -119,7 +126,11 @@ def single_model(name: str, base_path: str | os.PathLike) -> list[ModelSpec]:
 
 # === Batching and monitoring (messages declared here) ===
 
-_INT64, _STRING, _BOOL = ".google.protobuf.Int64Value", ".google.protobuf.StringValue", ".google.protobuf.BoolValue"
+_INT64, _STRING, _BOOL = (
+    ".google.protobuf.Int64Value",
+    ".google.protobuf.StringValue",
+    ".google.protobuf.BoolValue",
+)
 _FDP = descriptor_pb2.FieldDescriptorProto
 # (name, number, type, type_name, label) as in session_bundle_config.proto.
 _BATCHING_FIELDS = (
@@ -185,7 +196,9 @@ class BatchingOptions:
             if getattr(self, name) < 1:
                 raise ServingConfigError(f"batching parameter {name} must be >= 1, got {getattr(self, name)}")
         if self.batch_timeout_micros < 0:
-            raise ServingConfigError(f"batching parameter batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}")
+            raise ServingConfigError(
+                f"batching parameter batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}"
+            )
         sizes = self.allowed_batch_sizes
         if sizes and (list(sizes) != sorted(set(sizes)) or sizes[-1] != self.max_batch_size or sizes[0] < 1):
             raise ServingConfigError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from multimodal_tf.compat import tf
@@ -33,6 +35,8 @@ _CODE_BY_NUMBER = {code.value[0]: code for code in Code}
 
 # Lines TF adds around a graph error that say nothing about the request.
 _NOISE_PREFIXES = ("Graph execution error", "Detected at node", "<stack traces unavailable>")
+# The eager call's own tag, e.g. " [Op:__inference_signature_wrapper_10016]".
+_EAGER_OP_TAG = re.compile(r"\s*\[Op:__inference_\w+\]\s*$")
 
 
 class ServingError(Exception):
@@ -72,7 +76,7 @@ def graph_error_message(error: tf.errors.OpError) -> str:
     """
     lines = [line for line in error.message.splitlines() if line.strip()]
     kept = [line for line in lines if not line.startswith(_NOISE_PREFIXES)]
-    return "\n".join(kept) or error.message
+    return _EAGER_OP_TAG.sub("", "\n".join(kept)) or error.message
 
 
 def from_tf_error(error: tf.errors.OpError) -> ServingError:

@@ -7,8 +7,8 @@ so the three answer identically.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 from tensorflow_serving.apis import (
@@ -36,7 +36,9 @@ MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 CLASSIFY_INPUTS, CLASSES, SCORES, REGRESS_OUTPUTS = "inputs", "classes", "scores", "outputs"
 
 
-def direct_run(servable: Servable, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def direct_run(
+    servable: Servable, signature_name: str, inputs: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     return servable.run(signature_name, inputs)
 
 
@@ -50,15 +52,24 @@ def predict(
     servable: Servable, request: predict_pb2.PredictRequest, run: Runner, max_elements: int
 ) -> predict_pb2.PredictResponse:
     name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    signature = servable.signature(name)
-    output_names = tensors.check_output_filter(signature, request.output_filter)
+    servable.signature(name)  # NOT_FOUND before any conversion work
     inputs = {key: tensors.to_ndarray(proto, key, max_elements) for key, proto in request.inputs.items()}
-    outputs = run(servable, name, inputs)
+    outputs = predict_arrays(servable, name, inputs, request.output_filter, run)
     response = predict_pb2.PredictResponse()
     fill_model_spec(response.model_spec, servable, name)
-    for key in output_names:
-        response.outputs[key].CopyFrom(tensors.to_proto(outputs[key]))
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(tensors.to_proto(value))
     return response
+
+
+def predict_arrays(
+    servable: Servable, signature_name: str, inputs: Mapping[str, np.ndarray], output_filter, run: Runner
+) -> dict[str, np.ndarray]:
+    """Predict on numpy inputs; returns the filtered outputs (all when the filter is empty)."""
+    name = signature_name or DEFAULT_SIGNATURE
+    output_names = tensors.check_output_filter(servable.signature(name), output_filter)
+    outputs = run(servable, name, inputs)
+    return {key: outputs[key] for key in output_names}
 
 
 def _example_signature(servable: Servable, signature_name: str, method: str, what: str):
@@ -83,7 +94,8 @@ def _batch_matrix(outputs: Mapping[str, np.ndarray], key: str, num_examples: int
     value = outputs[key]
     if value.ndim != 2 or value.shape[0] != num_examples:
         raise ServingError(
-            Code.INTERNAL, f"Expected output '{key}' of shape [batch_size={num_examples}, num_classes], got {list(value.shape)}"
+            Code.INTERNAL,
+            f"Expected output '{key}' of shape [batch_size={num_examples}, num_classes], got {list(value.shape)}",
         )
     return value
 
@@ -97,9 +109,13 @@ def classify(
     classes = _batch_matrix(outputs, CLASSES, len(examples))
     scores = _batch_matrix(outputs, SCORES, len(examples))
     if classes is None and scores is None:
-        raise ServingError(Code.INTERNAL, f"classification signature '{name}' has neither '{CLASSES}' nor '{SCORES}'")
+        raise ServingError(
+            Code.INTERNAL, f"classification signature '{name}' has neither '{CLASSES}' nor '{SCORES}'"
+        )
     if classes is not None and scores is not None and classes.shape != scores.shape:
-        raise ServingError(Code.INTERNAL, f"'{CLASSES}' {classes.shape} and '{SCORES}' {scores.shape} differ in shape")
+        raise ServingError(
+            Code.INTERNAL, f"'{CLASSES}' {classes.shape} and '{SCORES}' {scores.shape} differ in shape"
+        )
     response = classification_pb2.ClassificationResponse()
     fill_model_spec(response.model_spec, servable, name)
     width = (classes if classes is not None else scores).shape[1]
@@ -124,7 +140,10 @@ def regress(
     values = outputs.get(REGRESS_OUTPUTS)
     if values is None or values.shape not in ((len(examples),), (len(examples), 1)):
         shape = None if values is None else list(values.shape)
-        raise ServingError(Code.INTERNAL, f"Expected output '{REGRESS_OUTPUTS}' of shape [batch_size] or [batch_size, 1], got {shape}")
+        raise ServingError(
+            Code.INTERNAL,
+            f"Expected output '{REGRESS_OUTPUTS}' of shape [batch_size] or [batch_size, 1], got {shape}",
+        )
     response = regression_pb2.RegressionResponse()
     fill_model_spec(response.model_spec, servable, name)
     for value in values.reshape(-1):

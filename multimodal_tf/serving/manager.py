@@ -13,8 +13,8 @@ import dataclasses
 import logging
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from tensorflow_serving.apis import get_model_status_pb2
 
@@ -124,7 +124,7 @@ class ModelManager:
 
     def set_config(self, specs: Sequence[ModelSpec]) -> None:
         """Replaces the served models (a new model config), then polls."""
-        with self._lock:
+        with self._poll_lock, self._lock:
             wanted = {spec.name: spec for spec in specs}
             for name in list(self._models):
                 if name not in wanted:
@@ -154,7 +154,9 @@ class ModelManager:
         on_disk = list_versions(spec.base_path)
         if on_disk is None:
             if spec.name not in self._unreadable:
-                logger.warning("model %s: cannot read base path %s; keeping what is loaded", spec.name, spec.base_path)
+                logger.warning(
+                    "model %s: cannot read base path %s; keeping what is loaded", spec.name, spec.base_path
+                )
                 self._unreadable.add(spec.name)
             return
         self._unreadable.discard(spec.name)
@@ -165,7 +167,9 @@ class ModelManager:
             if self._needs_load(model, version, on_disk[version]):
                 self._load(model, version, on_disk[version])
         with self._lock:
-            available = [v for v in aspired if model.versions.get(v) and model.versions[v].state == State.AVAILABLE]
+            available = [
+                v for v in aspired if model.versions.get(v) and model.versions[v].state == State.AVAILABLE
+            ]
             for version, status in model.versions.items():
                 if version not in aspired and status.state == State.AVAILABLE and (available or not aspired):
                     self._retire(status)

@@ -7,10 +7,12 @@ surface as UNKNOWN/INTERNAL).
 
 from __future__ import annotations
 
-from typing import Mapping
+import functools
+import math
+from collections.abc import Mapping
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import input_pb2
 
@@ -19,11 +21,23 @@ from multimodal_tf.serving.errors import invalid_argument
 
 # Dtypes a request may carry; resource/variant handles are never client data.
 _REQUEST_DTYPES = {
-    types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_HALF, types_pb2.DT_BFLOAT16,
-    types_pb2.DT_INT8, types_pb2.DT_INT16, types_pb2.DT_INT32, types_pb2.DT_INT64,
-    types_pb2.DT_UINT8, types_pb2.DT_UINT16, types_pb2.DT_UINT32, types_pb2.DT_UINT64,
-    types_pb2.DT_BOOL, types_pb2.DT_STRING, types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128,
-}  # fmt: skip
+    types_pb2.DT_FLOAT,
+    types_pb2.DT_DOUBLE,
+    types_pb2.DT_HALF,
+    types_pb2.DT_BFLOAT16,
+    types_pb2.DT_INT8,
+    types_pb2.DT_INT16,
+    types_pb2.DT_INT32,
+    types_pb2.DT_INT64,
+    types_pb2.DT_UINT8,
+    types_pb2.DT_UINT16,
+    types_pb2.DT_UINT32,
+    types_pb2.DT_UINT64,
+    types_pb2.DT_BOOL,
+    types_pb2.DT_STRING,
+    types_pb2.DT_COMPLEX64,
+    types_pb2.DT_COMPLEX128,
+}
 
 
 def dtype_name(dtype_enum: int) -> str:
@@ -55,15 +69,57 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str, max_elements: int) -> n
         raise invalid_argument(f"input '{name}': negative dimension in shape {dims}")
     num_elements = int(np.prod(dims, dtype=np.float64)) if dims else 1
     if num_elements > max_elements:
-        raise invalid_argument(f"input '{name}': shape {dims} has {num_elements} elements; the limit is {max_elements}")
+        raise invalid_argument(
+            f"input '{name}': shape {dims} has {num_elements} elements; the limit is {max_elements}"
+        )
     try:
-        return tf.make_ndarray(proto)
+        return from_proto(proto)
     except (ValueError, TypeError, IndexError, OverflowError) as e:
         raise invalid_argument(f"input '{name}': malformed TensorProto ({e})") from None
 
 
-def to_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
-    return tf.make_tensor_proto(value)
+@functools.cache
+def _numpy_dtype(dtype_enum: int) -> np.dtype:
+    return np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
+
+
+@functools.cache
+def _dtype_enum(dtype: np.dtype) -> int:
+    return tf.dtypes.as_dtype(dtype).as_datatype_enum
+
+
+def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
+    """TensorProto -> numpy; strings and ``tensor_content`` without tf.make_ndarray's overhead."""
+    dims = [d.size for d in proto.tensor_shape.dim]
+    count = math.prod(dims)
+    if proto.dtype == types_pb2.DT_STRING and len(proto.string_val) == count:
+        array = np.empty(count, dtype=object)
+        array[:] = list(proto.string_val)
+        return array.reshape(dims)
+    if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
+        dtype = _numpy_dtype(proto.dtype)
+        if len(proto.tensor_content) != count * dtype.itemsize:
+            raise ValueError(
+                f"tensor_content has {len(proto.tensor_content)} bytes; shape {dims} needs {count * dtype.itemsize}"
+            )
+        return np.frombuffer(proto.tensor_content, dtype).reshape(dims)
+    return tf.make_ndarray(proto)
+
+
+def to_proto(value) -> tensor_pb2.TensorProto:
+    """numpy (or nested lists) -> TensorProto; strings as string_val, numbers as tensor_content."""
+    array = np.asarray(value)
+    if array.dtype == object and all(isinstance(v, bytes) for v in array.flat):
+        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=list(array.flat))
+    elif array.dtype.kind in "biufc" or array.dtype.name == "bfloat16":
+        proto = tensor_pb2.TensorProto(
+            dtype=tf.dtypes.as_dtype(array.dtype).as_datatype_enum,
+            tensor_content=np.ascontiguousarray(array).tobytes(),
+        )
+    else:  # str, mixed objects: TF's general conversion
+        return tf.make_tensor_proto(array)
+    proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape)
+    return proto
 
 
 def _shape_text(shape) -> str:
@@ -95,7 +151,9 @@ def check_inputs(signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, np
         shape = shape_of(info)
         if shape is None:
             continue
-        if len(shape) != value.ndim or any(s not in (-1, v) for s, v in zip(shape, value.shape)):
+        if len(shape) != value.ndim or any(
+            s not in (-1, v) for s, v in zip(shape, value.shape, strict=False)
+        ):
             raise invalid_argument(
                 f"input '{name}': expected shape {_shape_text(shape)} (-1 = any), got {_shape_text(value.shape)}"
             )

@@ -1,0 +1,300 @@
+"""``mmtf serve`` and ``mmtf predict``: argparse subcommands over the serving library.
+
+The flags mirror ``tensorflow_model_server``'s (dashes for underscores), so a
+command line moves between this server and the real one unchanged.
+Standalone: ``python -m multimodal_tf.serving.cli serve ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from multimodal_tf.serving.errors import ServingError
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``serve`` (handler in ``func``) to an argparse subparsers object."""
+    parser = subparsers.add_parser("serve", help="serve SavedModels over TF Serving's gRPC and REST APIs")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-base-path", help="folder of numeric version folders of one model")
+    source.add_argument("--model-config-file", help="TF Serving model_config_list text proto")
+    parser.add_argument("--model-name", default="mmtf", help="name of the --model-base-path model")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes the server)")
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: pick a free one)")
+    parser.add_argument(
+        "--rest-api-port", type=int, default=8501, help="REST port (0: pick a free one, -1: off)"
+    )
+    parser.add_argument("--enable-batching", action="store_true", help="merge concurrent requests")
+    parser.add_argument(
+        "--batching-parameters-file", help="BatchingParameters text proto (implies --enable-batching)"
+    )
+    parser.add_argument("--monitoring-config-file", help="MonitoringConfig text proto (Prometheus endpoint)")
+    parser.add_argument(
+        "--file-system-poll-wait-seconds", type=float, default=1.0, help="version poll interval (0: once)"
+    )
+    parser.add_argument(
+        "--model-config-file-poll-wait-seconds",
+        type=float,
+        default=0.0,
+        help="config re-read interval (0: never)",
+    )
+    parser.add_argument(
+        "--grpc-max-message-bytes", type=int, default=64 << 20, help="largest request/response"
+    )
+    parser.add_argument("--request-timeout-seconds", type=float, help="server-side deadline per request")
+    parser.add_argument(
+        "--grace-seconds", type=float, default=10.0, help="time in-flight requests get on SIGTERM"
+    )
+    parser.set_defaults(func=serve_command)
+    return parser
+
+
+def serve_command(args) -> int:
+    from multimodal_tf.serving import config as config_lib
+    from multimodal_tf.serving.server import ModelServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    batching = None
+    if args.batching_parameters_file:
+        batching = config_lib.load_batching_parameters(args.batching_parameters_file)
+    elif args.enable_batching:
+        batching = config_lib.BatchingOptions()
+    metrics_path = (
+        config_lib.load_monitoring_config(args.monitoring_config_file)
+        if args.monitoring_config_file
+        else None
+    )
+    models = config_lib.single_model(args.model_name, args.model_base_path) if args.model_base_path else None
+    server = ModelServer(
+        models,
+        model_config_file=args.model_config_file,
+        host=args.host,
+        port=args.port,
+        rest_api_port=None if args.rest_api_port < 0 else args.rest_api_port,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        batching=batching,
+        metrics_path=metrics_path,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
+        request_timeout_seconds=args.request_timeout_seconds,
+    )
+    try:
+        server.start()
+    except OSError as e:
+        print(f"mmtf serve: {e}", file=sys.stderr)
+        return 1
+    print(f"gRPC {server.grpc_target}  REST {server.rest_url or 'off'}", flush=True)
+    server.serve_until_signal(args.grace_seconds)
+    return 0
+
+
+def add_predict_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``predict`` (handler in ``func``) to an argparse subparsers object."""
+    parser = subparsers.add_parser("predict", help="query a model server (or a SavedModel in-process)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--server", help="HOST:PORT of a TF Serving gRPC endpoint")
+    target.add_argument("--saved-model", help="run this SavedModel (version or model folder) in-process")
+    parser.add_argument("--model-name", default="mmtf")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--version", type=int)
+    choice.add_argument("--version-label")
+    parser.add_argument("--signature-name", default="serving_default")
+    parser.add_argument("--image", help="image file")
+    parser.add_argument("--text", help="text (a .txt path is read)")
+    parser.add_argument("--audio", help="16-bit PCM WAV file")
+    parser.add_argument("--manifest", help="CSV with id,image,text,audio[,label]; paths relative to it")
+    parser.add_argument("--output", help="predictions CSV (with --manifest; default: stdout)")
+    parser.add_argument("--batch-size", type=int, default=32, help="inputs per request")
+    parser.add_argument("--timeout-seconds", type=float, default=30.0, help="deadline per request")
+    parser.set_defaults(func=predict_command)
+    return parser
+
+
+def _predictor(args):
+    if args.saved_model:
+        from multimodal_tf.serving.local import LocalModel
+
+        return LocalModel(args.saved_model, max_batch=args.batch_size)
+    from multimodal_tf.serving.client import Client
+
+    return Client(
+        args.server, args.model_name, timeout_seconds=args.timeout_seconds, max_batch=args.batch_size
+    )
+
+
+def _error_text(error: Exception) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name}: {error.details()}"
+    if isinstance(error, ServingError):
+        return f"{error.code.name}: {error.message}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _is_input_error(error: Exception) -> bool:
+    """A bad input (one row's fault), as opposed to an unreachable server or missing model."""
+    if isinstance(error, grpc.RpcError):
+        return error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, ServingError):
+        return error.code == grpc.StatusCode.INVALID_ARGUMENT
+    return isinstance(error, OSError | ValueError | TypeError)
+
+
+def class_names(predictor, signature_name: str = "classify") -> list[str] | None:
+    """Class names in probability order, from the classify signature (None if it has none)."""
+    from multimodal_tf.compat import tf
+
+    try:
+        result = predictor.classify([tf.train.Example()], signature_name=signature_name)
+    except (grpc.RpcError, ServingError, ValueError):
+        return None
+    return [str(name) for name in result["classes"][0]]
+
+
+def _text_cell(cell: str, base: Path) -> str:
+    """The manifest's "auto" rule: a cell naming an existing .txt file is read from it."""
+    candidate = base / cell.strip()
+    if cell.strip().endswith(".txt") and candidate.is_file():
+        return candidate.read_text(encoding="utf-8").strip()
+    return cell
+
+
+def read_prediction_manifest(path: str | Path) -> list[dict]:
+    """Rows of id,image,text,audio[,label]; media paths resolved against the manifest's folder."""
+    path = Path(path)
+    base = path.parent
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if "id" not in header or not {"image", "text", "audio"} & set(header):
+            raise ValueError(
+                f"{path}: needs an 'id' column and at least one of image, text, audio; has {header}"
+            )
+        rows = []
+        for row in reader:
+            rows.append(
+                {
+                    "id": row["id"],
+                    "image": str(base / row["image"].strip()) if (row.get("image") or "").strip() else None,
+                    "text": _text_cell(row["text"], base) if (row.get("text") or "").strip() else None,
+                    "audio": str(base / row["audio"].strip()) if (row.get("audio") or "").strip() else None,
+                    "label": row.get("label"),
+                }
+            )
+    return rows
+
+
+def _predict_rows(predictor, rows: list[dict], args) -> list[dict | Exception]:
+    """Outputs per row; a chunk with a bad input is retried row by row so only that row fails."""
+    kwargs = {
+        "version": args.version,
+        "version_label": args.version_label,
+        "signature_name": args.signature_name,
+    }
+    try:
+        outputs = predictor.predict(
+            images=[r["image"] for r in rows],
+            texts=[r["text"] for r in rows],
+            audios=[r["audio"] for r in rows],
+            **kwargs,
+        )
+        return [{name: value[i] for name, value in outputs.items()} for i in range(len(rows))]
+    except Exception as e:
+        if not _is_input_error(e):
+            raise
+        if len(rows) == 1:
+            return [e]
+    return [result for row in rows for result in _predict_rows(predictor, [row], args)]
+
+
+def _write_predictions(rows, results, names, output) -> int:
+    has_label = any(r["label"] not in (None, "") for r in rows)
+    width = next((len(r["probabilities"]) for r in results if isinstance(r, dict)), len(names or []))
+    names = names if names and len(names) == width else [str(i) for i in range(width)]
+    header = (
+        ["id"] + (["label"] if has_label else []) + ["predicted"] + [f"prob_{n}" for n in names] + ["error"]
+    )
+    writer = csv.writer(output)
+    writer.writerow(header)
+    failures = 0
+    for row, result in zip(rows, results, strict=True):
+        line = [row["id"]] + ([row["label"] or ""] if has_label else [])
+        if isinstance(result, Exception):
+            failures += 1
+            line += [""] + [""] * width + [_error_text(result)]
+        else:
+            name = result["class_name"]
+            line += [name.decode() if isinstance(name, bytes) else str(name)]
+            line += [f"{p:.6f}" for p in np.asarray(result["probabilities"]).tolist()] + [""]
+        writer.writerow(line)
+    return failures
+
+
+def _predict_manifest(predictor, args) -> int:
+    rows = read_prediction_manifest(args.manifest)
+    results = []
+    for start in range(0, len(rows), args.batch_size):
+        results += _predict_rows(predictor, rows[start : start + args.batch_size], args)
+    names = class_names(predictor)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w", newline="", encoding="utf-8") as f:
+            failures = _write_predictions(rows, results, names, f)
+        print(f"wrote {len(rows)} predictions to {args.output} ({failures} failed)")
+    else:
+        failures = _write_predictions(rows, results, names, sys.stdout)
+    return 1 if failures else 0
+
+
+def predict_command(args) -> int:
+    if not args.manifest and not (args.image or args.text or args.audio):
+        raise ValueError("give --image/--text/--audio or --manifest")
+    try:
+        predictor = _predictor(args)
+        if args.manifest:
+            return _predict_manifest(predictor, args)
+        text = _text_cell(args.text, Path.cwd()) if args.text else None
+        kwargs = {
+            "version": args.version,
+            "version_label": args.version_label,
+            "signature_name": args.signature_name,
+        }
+        outputs = predictor.predict(images=[args.image], texts=[text], audios=[args.audio], **kwargs)
+    except (grpc.RpcError, ServingError) as e:
+        print(f"mmtf predict: {_error_text(e)}", file=sys.stderr)
+        return 1
+    names = class_names(predictor)
+    probabilities = outputs["probabilities"][0].tolist()
+    keys = names if names and len(names) == len(probabilities) else list(range(len(probabilities)))
+    name = outputs["class_name"][0]
+    result = {
+        "class_name": name.decode() if isinstance(name, bytes) else str(name),
+        "class_id": int(outputs["class_id"][0]),
+        "probabilities": {str(k): round(p, 6) for k, p in zip(keys, probabilities, strict=True)},
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m multimodal_tf.serving.cli")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(subparsers)
+    add_predict_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as e:
+        print(f"{args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
