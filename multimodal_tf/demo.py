@@ -43,7 +43,7 @@ def run_demo(out: str | Path, manifest: str | None = None, overrides=()) -> int:
     out = Path(out)
     if manifest is None:
         _banner("1/6 synthetic dataset")
-        manifest = synthesize(out / "data", num_examples=1200, seed=0)
+        manifest = synthesize(out / "data", num_examples=2400, seed=0)
         print(f"wrote {manifest}")
     manifest = Path(manifest)
     config = config_lib.load(

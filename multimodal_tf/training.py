@@ -8,9 +8,11 @@ A run directory holds everything needed to evaluate, export or resume:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -31,9 +33,15 @@ BEST_WEIGHTS, LAST_WEIGHTS = "checkpoints/best.weights.h5", "checkpoints/last.we
 def prepare_data(config: ExperimentConfig, progress: bool = True) -> DatasetMetadata:
     """Converts the manifest to TFRecords unless an up-to-date conversion exists."""
     directory = convert_lib.default_tfrecord_dir(config.data)
-    if config.data.manifest:
+    if not config.data.manifest:
+        return DatasetMetadata.load(directory)
+    # Tasks of a local cluster (mmtf launch) convert the same manifest at the
+    # same time: one converts, the others wait and then find it up to date.
+    lock_path = Path(f"{directory}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         return convert_lib.convert(config.data.manifest, directory, config.data, on_error="skip", progress=progress)
-    return DatasetMetadata.load(directory)
 
 
 def set_seed(seed: int) -> None:
@@ -92,10 +100,16 @@ def metrics_for(config: ExperimentConfig):
 class Throughput(keras.callbacks.Callback):
     """Adds ``examples_per_second`` to the epoch logs and prints it."""
 
-    def __init__(self, batch_size: int, verbose: int = 1):
+    def __init__(self, batch_size: int, verbose: int = 1, steps_per_epoch: int | None = None):
         super().__init__()
         self.batch_size = batch_size
         self.verbose = verbose
+        self.steps_per_epoch = steps_per_epoch
+
+    def _implements_train_batch_hooks(self):
+        # A known step count needs no batch hook, and ParameterServerStrategy
+        # rejects callbacks that have one.
+        return self.steps_per_epoch is None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start, self._steps = time.perf_counter(), 0
@@ -104,21 +118,23 @@ class Throughput(keras.callbacks.Callback):
         self._steps += 1
 
     def on_epoch_end(self, epoch, logs=None):
-        rate = self._steps * self.batch_size / max(time.perf_counter() - self._start, 1e-9)
+        steps = self.steps_per_epoch or self._steps
+        rate = steps * self.batch_size / max(time.perf_counter() - self._start, 1e-9)
         if logs is not None:
             logs["examples_per_second"] = rate
         if self.verbose:
             print(f"epoch {epoch + 1}: {rate:,.0f} examples/s")
 
 
-def make_callbacks(config: ExperimentConfig, run_dir: Path, batch_size: int, chief: bool):
+def make_callbacks(config: ExperimentConfig, run_dir: Path, batch_size: int, chief: bool,
+                   steps_per_epoch: int | None = None):
     train = config.train
     # Non-chief workers must still run the callbacks (they take part in the
     # collectives) but write into a throwaway folder.
     out = run_dir if chief else Path(run_dir) / f".worker_tmp_{distribute.task_info()[1]}"
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     callbacks = [
-        Throughput(batch_size, verbose=train.verbose if chief else 0),
+        Throughput(batch_size, verbose=train.verbose if chief else 0, steps_per_epoch=steps_per_epoch),
         keras.callbacks.ModelCheckpoint(
             str(out / BEST_WEIGHTS), monitor=train.monitor, save_best_only=True, save_weights_only=True
         ),
@@ -135,6 +151,8 @@ def make_callbacks(config: ExperimentConfig, run_dir: Path, batch_size: int, chi
         )
     if train.lr_schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=train.monitor, factor=0.5, patience=2))
+    if distribute.in_cluster():  # per-task epochs and final weights (after EarlyStopping restores)
+        callbacks.append(distribute.TaskSummary(run_dir))
     return callbacks
 
 
@@ -181,7 +199,6 @@ def load_trained_model(run_dir: str | Path, weights: str = BEST_WEIGHTS):
 
 
 def _datasets(config, strategy, metadata, num_classes, weights):
-    batch_size = config.data.batch_size
     repeat = distribute.needs_repeated_input(strategy)
     drop = config.train.strategy == "tpu"  # TPUs need static shapes
 
@@ -198,26 +215,31 @@ def _datasets(config, strategy, metadata, num_classes, weights):
     if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
         creator = keras.utils.experimental.DatasetCreator
         return creator(train_fn), creator(val_fn), repeat
-    if strategy.num_replicas_in_sync > 1 or repeat:
+    if repeat:  # each worker reads its share (InputContext) in per-replica batches
         return (
             strategy.distribute_datasets_from_function(train_fn),
             strategy.distribute_datasets_from_function(val_fn),
             repeat,
         )
+    # One worker (default, mirrored, TPU): finite datasets, and Keras splits
+    # each global batch over the local replicas.
     return train_fn(), val_fn(), repeat
 
 
 def train(config: ExperimentConfig, progress: bool = True) -> Path:
     """Trains one experiment; returns its run directory."""
     run_dir = Path(config.train.output_dir)
-    metadata = prepare_data(config, progress=progress)
+    if distribute.is_server_task(config.train):
+        distribute.run_server()  # ps/worker of a PS cluster: serve until stopped
+    # Cluster strategies start their gRPC server; do it before other TF work.
+    strategy = distribute.make_strategy(config.train)
+    chief = distribute.is_chief()
+    metadata = prepare_data(config, progress=progress and chief)
     if "val" not in metadata.shards:
         raise ValueError("the dataset has no val split: set data.validation_fraction > 0")
     set_seed(config.train.seed)
     if config.train.mixed_precision:
         keras.mixed_precision.set_global_policy(config.train.mixed_precision)
-    strategy = distribute.make_strategy(config.train)
-    chief = distribute.is_chief()
     num_classes = config.model.num_classes or metadata.num_classes
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +262,9 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
             steps_per_execution=config.train.steps_per_execution,
         )
     weights = class_weights(metadata, config.train.class_weights)
+    verbose = config.train.verbose if chief else 0
+    if verbose == 1 and not sys.stdout.isatty():
+        verbose = 2  # one line per epoch in logs instead of a redrawn bar
     train_ds, val_ds, repeated = _datasets(config, strategy, metadata, num_classes, weights)
     fit_steps = {}
     if repeated:
@@ -251,10 +276,12 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
         train_ds,
         validation_data=val_ds,
         epochs=config.train.epochs,
-        callbacks=make_callbacks(config, run_dir, batch_size, chief),
-        verbose=config.train.verbose if chief else 0,
+        callbacks=make_callbacks(config, run_dir, batch_size, chief, fit_steps.get("steps_per_epoch")),
+        verbose=verbose,
         **fit_steps,
     )
+    if distribute.needs_repeated_input(strategy):
+        model = _local_copy(model, config, num_classes, len(metadata.vocabulary))
     if chief:
         values = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         (run_dir / "history.json").write_text(json.dumps(values, indent=1))
@@ -264,6 +291,22 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
             model.save_weights(str(run_dir / BEST_WEIGHTS))
         _write_final_metrics(config, model, metadata, num_classes, run_dir)
     return run_dir
+
+
+def _local_copy(model, config: ExperimentConfig, num_classes: int, vocab_size: int):
+    """The trained model outside the cluster strategy, for chief-only saving and evaluation.
+
+    Every task must call this: reading sync-on-read variables (BatchNorm
+    statistics) of a multi-worker model is a collective, so a chief that read
+    them alone would wait for workers that have already exited.
+    """
+    weights = model.get_weights()
+    if not distribute.is_chief():
+        return model
+    local = build_model(config, num_classes, vocab_size)
+    local.set_weights(weights)
+    local.compile(loss=loss_for(config), metrics=metrics_for(config))
+    return local
 
 
 def _write_final_metrics(config, model, metadata, num_classes, run_dir: Path) -> None:

@@ -15,6 +15,7 @@ BATCH = 4
 CONFIGS = {
     "image/cnn": EncoderConfig(name="image/cnn", width=8, depth=2, output_dim=16),
     "text/lstm": EncoderConfig(name="text/lstm", width=8, depth=1, output_dim=16, embedding_dim=8),
+    "text/bow": EncoderConfig(name="text/bow", output_dim=16, embedding_dim=8),
     "audio/cnn": EncoderConfig(name="audio/cnn", width=8, depth=2, output_dim=16),
     "audio/lstm": EncoderConfig(name="audio/lstm", width=8, depth=1, output_dim=16),
 }
@@ -125,6 +126,7 @@ def test_encoder_checkpoint_round_trip(tmp_path):
 FIT_OVERRIDES = {
     "image/cnn": ("model.modalities=[image]",),
     "text/lstm": ("model.modalities=[text]", "model.text_encoder.depth=1"),
+    "text/bow": ("model.modalities=[text]", "model.text_encoder.name=text/bow"),
     "audio/cnn": ("model.modalities=[audio]", "model.audio_encoder.name=audio/cnn"),
     "audio/lstm": (
         "model.modalities=[audio]",

@@ -113,3 +113,70 @@ class TextLSTMEncoder(keras.layers.Layer):
             }
         )
         return config
+
+
+@ENCODERS.register("text/bow")
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
+    """Bag-of-embeddings text encoder (fastText-style, Joulin et al. 2017).
+
+    Embedding, then masked mean and max pooling over the tokens, Dense and
+    dropout. Order-insensitive, so it learns from a few hundred short texts
+    (labels, names, captions) where an LSTM underfits.
+
+    Call arguments:
+        tokens: int [B, T] WordPiece ids, 0 = padding (all zero = absent).
+
+    Returns:
+        [B, output_dim] embeddings (ReLU); zeros-in gives a constant output.
+
+    Args:
+        vocab_size: vocabulary size (ids < vocab_size).
+        embedding_dim: token embedding size.
+        output_dim: embedding size.
+        dropout_rate: dropout on the output.
+        **kwargs: standard layer arguments.
+    """
+
+    def __init__(self, vocab_size: int, embedding_dim: int = 32, output_dim: int = 64, dropout_rate: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        self.output_dim = output_dim
+        self.dropout_rate = dropout_rate
+        self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
+        self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
+        self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
+
+    @classmethod
+    def from_encoder_config(cls, config: EncoderConfig, *, vocab_size: int, **kwargs):
+        """Builds the encoder from an :class:`EncoderConfig`; kwargs go to the layer."""
+        return cls(
+            vocab_size=vocab_size,
+            embedding_dim=config.embedding_dim,
+            output_dim=config.output_dim,
+            dropout_rate=config.dropout_rate,
+            **kwargs,
+        )
+
+    def call(self, tokens: tf.Tensor, training=None) -> tf.Tensor:
+        mask = tf.cast(tf.not_equal(tokens, 0), tf.float32)[..., None]  # [B, T, 1]
+        x = self.embedding(tokens)
+        count = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        mean = tf.reduce_sum(x * mask, axis=1) / count
+        maximum = tf.reduce_max(x * mask - (1.0 - mask) * 1e4, axis=1) * tf.minimum(count, 1.0)
+        maximum = tf.where(tf.reduce_sum(mask, axis=1) > 0, maximum, tf.zeros_like(maximum))
+        x = self.projection(tf.concat([mean, maximum], axis=-1))
+        return self.dropout(x, training=training)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "vocab_size": self.vocab_size,
+                "embedding_dim": self.embedding_dim,
+                "output_dim": self.output_dim,
+                "dropout_rate": self.dropout_rate,
+            }
+        )
+        return config
