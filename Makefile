@@ -8,7 +8,7 @@ MANIFEST ?=
 DEMO_DIR ?= runs/demo_job
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint format results bench clean
+.PHONY: venv demo test test-slow test-all lint format results bench clean
 
 $(STAMP): requirements/lock.txt requirements/build-constraints.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mmtf demo --out $(DEMO_DIR) $(if $(MANIFEST),--manifest $(MANIFEST))
 
+# The default run (< 15 min on 2 cores) leaves out the multi-process cluster
+# tests marked `slow`; CI runs both.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

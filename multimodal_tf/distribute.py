@@ -54,9 +54,13 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
         return tf.distribute.get_strategy()
     if name == "mirrored":
         devices = [d.name for d in tf.config.list_logical_devices("GPU")]
-        if not devices:  # CPU hosts: mirror over the logical CPU devices, if split
-            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
+        if devices:
+            return tf.distribute.MirroredStrategy(devices)
+        # CPU hosts: mirror over the logical CPU devices, if split. Reduce on
+        # one device: CPU collectives of two strategies in one process can
+        # share instance keys and abort with "Shape mismatch in the collective".
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "parameter_server":

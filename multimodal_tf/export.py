@@ -43,16 +43,21 @@ class ServingModule(tf.Module):
         head_type: ``multiclass``, ``binary`` or ``multilabel``.
     """
 
-    def __init__(self, model, preprocessor: Preprocessor, label_names, head_type: str):
+    def __init__(self, model, preprocessor: Preprocessor, label_names, head_type: str, feature_specs: dict):
         super().__init__(name="serving")
         self.model = model
+        # Traced once and shared by every signature: tracing the model (LSTMs
+        # especially) per signature made exports several times slower.
+        self.predict_probabilities = tf.function(
+            lambda model_features: model(model_features, training=False), input_signature=[feature_specs]
+        )
         self.preprocessor = preprocessor
         self.label_names = tf.constant(list(label_names))
         self.head_type = head_type
         self.modalities = preprocessor.modalities
 
     def _outputs(self, model_features: dict) -> dict:
-        probabilities = self.model(model_features, training=False)
+        probabilities = self.predict_probabilities(model_features)
         if self.head_type == "binary":  # one sigmoid unit -> [P(0), P(1)]
             probabilities = tf.concat([1.0 - probabilities, probabilities], axis=-1)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
@@ -190,8 +195,8 @@ def export_run(run_dir: str | Path, base_path: str | Path, model_name: str, vers
     if final.exists():
         raise ExportError(f"{final} already exists; pick another --version")
     preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model.modalities)
-    module = ServingModule(model, preprocessor, metadata.label_names, config.model.head.type)
     specs = features.model_feature_specs(config.data, config.model.modalities)
+    module = ServingModule(model, preprocessor, metadata.label_names, config.model.head.type, specs)
     # TF Serving ignores non-numeric folders, so a half-written export is invisible.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:

@@ -21,6 +21,7 @@ TINY_OVERRIDES = (
     "model.text_encoder.width=8",
     "model.text_encoder.embedding_dim=8",
     "model.text_encoder.output_dim=16",
+    "model.text_encoder.depth=1",  # each LSTM layer costs seconds of graph tracing
     "model.audio_encoder.width=8",
     "model.audio_encoder.output_dim=16",
     "model.fusion.hidden_dim=16",

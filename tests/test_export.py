@@ -131,11 +131,11 @@ def test_raw_signature_handles_missing_modalities_and_names_bad_fields(exported)
     assert features_out["probabilities"].shape == (1, 8)
 
 
-def test_versions_increment_and_existing_versions_are_refused(exported, tmp_path):
-    run, _ = exported
-    first = export.export_run(run, tmp_path, "m")
-    second = export.export_run(run, tmp_path, "m")
+def test_versions_increment_and_existing_versions_are_refused(exported):
+    run, first = exported
+    base = first.parent.parent
+    second = export.export_run(run, base, "m")
     assert (first.name, second.name) == ("1", "2")
     with pytest.raises(export.ExportError, match="already exists"):
-        export.export_run(run, tmp_path, "m", version=2)
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]  # no temp dirs left
+        export.export_run(run, base, "m", version=2)
+    assert sorted(p.name for p in (base / "m").iterdir()) == ["1", "2"]  # no temp dirs left
