@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import tempfile
 import time
 import wave
@@ -23,7 +22,8 @@ from PIL import Image
 
 from multimodal_tf.compat import tf
 from multimodal_tf.config import DataConfig, ExperimentConfig
-from multimodal_tf.data import convert, manifest as manifest_lib, pipeline
+from multimodal_tf.data import convert, pipeline
+from multimodal_tf.data import manifest as manifest_lib
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "emoji3" / "manifest.csv"
 
@@ -41,7 +41,9 @@ def naive_features(records, config: DataConfig, vocabulary: dict, mel_matrix: np
         tokens = np.zeros(config.text.max_tokens, np.int64)
         words = record.text.decode("utf-8").lower().split()[: config.text.max_tokens]
         tokens[: len(words)] = [vocabulary.get(w, 1) for w in words]
-        spectrum = np.zeros((1 + (samples - audio.frame_length) // audio.frame_step, audio.num_mel_bins), np.float32)
+        spectrum = np.zeros(
+            (1 + (samples - audio.frame_length) // audio.frame_step, audio.num_mel_bins), np.float32
+        )
         if record.audio:
             with wave.open(record.audio) as w:
                 raw = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, w.getnchannels())
@@ -49,7 +51,10 @@ def naive_features(records, config: DataConfig, vocabulary: dict, mel_matrix: np
             mono = raw.mean(-1)[:samples] / 32768.0
             signal[: len(mono)] = mono
             frames = np.stack(
-                [signal[i : i + audio.frame_length] * window for i in range(0, samples - audio.frame_length + 1, audio.frame_step)]
+                [
+                    signal[i : i + audio.frame_length] * window
+                    for i in range(0, samples - audio.frame_length + 1, audio.frame_step)
+                ]
             )
             magnitude = np.abs(np.fft.rfft(frames, audio.fft_length))
             spectrum = np.log(magnitude @ mel_matrix + 1e-6)
@@ -61,7 +66,7 @@ def run_naive(records, config, vocabulary, mel_matrix) -> float:
     for example in naive_features(records, config, vocabulary, mel_matrix):
         batch.append(example)
         if len(batch) == config.batch_size:
-            [np.stack(parts) for parts in zip(*batch)]
+            [np.stack(parts) for parts in zip(*batch, strict=False)]
             count += len(batch)
             batch = []
     count += len(batch)
@@ -84,7 +89,9 @@ def run_tfdata(config: ExperimentConfig, metadata, epochs: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
@@ -99,14 +106,19 @@ def main() -> None:
     records = [r for r in manifest.records if r.id in train_ids]
     vocabulary = {token: i for i, token in enumerate(metadata.vocabulary)}
     mel_matrix = tf.signal.linear_to_mel_weight_matrix(
-        data.audio.num_mel_bins, data.audio.fft_length // 2 + 1, data.audio.sample_rate,
-        data.audio.lower_edge_hertz, data.audio.upper_edge_hertz,
+        data.audio.num_mel_bins,
+        data.audio.fft_length // 2 + 1,
+        data.audio.sample_rate,
+        data.audio.lower_edge_hertz,
+        data.audio.upper_edge_hertz,
     ).numpy()
     naive = run_naive(records, data, vocabulary, mel_matrix)
     ours = run_tfdata(config, metadata, args.epochs)
     cached_config = dataclasses.replace(config, data=dataclasses.replace(data, cache=True))
     cached = run_tfdata(cached_config, metadata, args.epochs)
-    print(f"dataset: {args.manifest} ({len(records)} training examples, batch {data.batch_size}, 64x64 images)")
+    print(
+        f"dataset: {args.manifest} ({len(records)} training examples, batch {data.batch_size}, 64x64 images)"
+    )
     print(f"{'path':<40}{'examples/s':>12}")
     print(f"{'naive (PIL + wave + numpy loop)':<40}{naive:>12,.0f}")
     print(f"{'tf.data TFRecord pipeline (no cache)':<40}{ours:>12,.0f}")

@@ -24,7 +24,8 @@ from input_pipeline import naive_features  # noqa: E402
 
 from multimodal_tf import config as config_lib  # noqa: E402
 from multimodal_tf.compat import keras, tf  # noqa: E402
-from multimodal_tf.data import manifest as manifest_lib, pipeline  # noqa: E402
+from multimodal_tf.data import manifest as manifest_lib  # noqa: E402
+from multimodal_tf.data import pipeline
 from multimodal_tf.models import build_model, loss_for  # noqa: E402
 from multimodal_tf.training import prepare_data, set_seed  # noqa: E402
 
@@ -56,7 +57,11 @@ def naive_arrays(config, metadata, train_ids):
     vocabulary = {token: i for i, token in enumerate(metadata.vocabulary)}
     audio = config.data.audio
     mel_matrix = tf.signal.linear_to_mel_weight_matrix(
-        audio.num_mel_bins, audio.fft_length // 2 + 1, audio.sample_rate, audio.lower_edge_hertz, audio.upper_edge_hertz
+        audio.num_mel_bins,
+        audio.fft_length // 2 + 1,
+        audio.sample_rate,
+        audio.lower_edge_hertz,
+        audio.upper_edge_hertz,
     ).numpy()
     images, tokens, spectra, y = [], [], [], []
     for image, token_ids, spectrum, _ in naive_features(records, config.data, vocabulary, mel_matrix):
@@ -67,14 +72,18 @@ def naive_arrays(config, metadata, train_ids):
         y.append(manifest_lib.label_id(record, list(labels)))
     x = {"image": np.stack(images), "text": np.stack(tokens), "audio": np.stack(spectra)}
     for modality, record_field in (("image", "image"), ("text", "text"), ("audio", "audio")):
-        x[f"{modality}_present"] = np.array([float(bool(getattr(r, record_field))) for r in records], np.float32)
+        x[f"{modality}_present"] = np.array(
+            [float(bool(getattr(r, record_field))) for r in records], np.float32
+        )
     keep = set(config.model.modalities)
     x = {k: v for k, v in x.items() if k.split("_")[0] in keep}
     return x, np.array(y)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(ROOT / "pipelines" / "emoji3.yaml"))
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
@@ -89,7 +98,15 @@ def main() -> None:
     x, y = naive_arrays(config, metadata, train_ids)
     naive_load = time.perf_counter() - start
     model, timer = compiled_model(config, metadata), EpochTimer()
-    model.fit(x, y, batch_size=config.data.batch_size, epochs=args.epochs, verbose=0, callbacks=[timer], shuffle=True)
+    model.fit(
+        x,
+        y,
+        batch_size=config.data.batch_size,
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=[timer],
+        shuffle=True,
+    )
     naive_total = time.perf_counter() - start
     naive_rate = count * (len(timer.times) - 1) / sum(timer.times[1:])
 
@@ -101,11 +118,19 @@ def main() -> None:
     ours_rate = count * (len(timer.times) - 1) / sum(timer.times[1:])
     ours_first = count / timer.times[0]
 
-    print(f"config {args.config}: {count} training examples, batch {config.data.batch_size}, {args.epochs} epochs")
+    print(
+        f"config {args.config}: {count} training examples, batch {config.data.batch_size}, {args.epochs} epochs"
+    )
     print(f"{'path':<44}{'load s':>8}{'1st epoch ex/s':>16}{'steady ex/s':>13}{'total s':>9}")
-    print(f"{'naive (Python loop -> numpy -> fit)':<44}{naive_load:>8.1f}{'-':>16}{naive_rate:>13,.0f}{naive_total:>9.1f}")
-    print(f"{'mmtf train path (TFRecords -> tf.data)':<44}{0.0:>8.1f}{ours_first:>16,.0f}{ours_rate:>13,.0f}{ours_total:>9.1f}")
-    print(f"ratio ours / naive: steady {ours_rate / naive_rate:.2f}x, end-to-end {naive_total / ours_total:.2f}x faster")
+    print(
+        f"{'naive (Python loop -> numpy -> fit)':<44}{naive_load:>8.1f}{'-':>16}{naive_rate:>13,.0f}{naive_total:>9.1f}"
+    )
+    print(
+        f"{'mmtf train path (TFRecords -> tf.data)':<44}{0.0:>8.1f}{ours_first:>16,.0f}{ours_rate:>13,.0f}{ours_total:>9.1f}"
+    )
+    print(
+        f"ratio ours / naive: steady {ours_rate / naive_rate:.2f}x, end-to-end {naive_total / ours_total:.2f}x faster"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ def cmd_convert(args) -> int:
     for split, names in metadata.shards.items():
         print(f"{split}: {metadata.counts[split]['examples']} examples in {len(names)} shards")
     if metadata.counts.get("skipped"):
-        print(f"skipped {len(metadata.counts['skipped'])} bad records: {', '.join(metadata.counts['skipped'])}")
-    print(f"wrote {args.out_dir} ({len(metadata.label_names)} classes, vocabulary {len(metadata.vocabulary)})")
+        print(
+            f"skipped {len(metadata.counts['skipped'])} bad records: {', '.join(metadata.counts['skipped'])}"
+        )
+    print(
+        f"wrote {args.out_dir} ({len(metadata.label_names)} classes, vocabulary {len(metadata.vocabulary)})"
+    )
     return 0
 
 
@@ -72,9 +76,13 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from multimodal_tf.evaluation import evaluate
 
-    report = evaluate(args.run_dir, split=args.split, compare=tuple(args.compare or ()), ablation=not args.no_ablation)
+    report = evaluate(
+        args.run_dir, split=args.split, compare=tuple(args.compare or ()), ablation=not args.no_ablation
+    )
     m = report["metrics"]
-    print(f"{args.split}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, log loss {m['log_loss']:.4f}")
+    print(
+        f"{args.split}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, log loss {m['log_loss']:.4f}"
+    )
     for row in report.get("ablation", []):
         print(f"  {row['setting']:<16} accuracy {row['accuracy']:.4f}")
     print(f"report: {Path(args.run_dir) / 'report.md'}")

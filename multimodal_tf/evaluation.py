@@ -49,11 +49,13 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, label_
     result = {
         "examples": int(len(labels)),
         "accuracy": float(skm.accuracy_score(labels, predictions)),
-        "macro_f1": float(skm.f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
+        "macro_f1": float(
+            skm.f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)
+        ),
         "log_loss": float(skm.log_loss(labels, clipped, labels=classes)),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(label_names, precision, recall, f1, support)
+            for name, p, r, f, s in zip(label_names, precision, recall, f1, support, strict=False)
         },
     }
     present = sorted(set(labels.tolist()))
@@ -80,7 +82,9 @@ def _plots(probabilities, labels, label_names, out_dir: Path) -> dict[str, str]:
     paths = {}
     matrix = skm.confusion_matrix(labels, probabilities.argmax(-1), labels=list(range(k)))
     fig, axis = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
-    skm.ConfusionMatrixDisplay(matrix, display_labels=label_names).plot(ax=axis, colorbar=False, xticks_rotation=60)
+    skm.ConfusionMatrixDisplay(matrix, display_labels=label_names).plot(
+        ax=axis, colorbar=False, xticks_rotation=60
+    )
     fig.tight_layout()
     fig.savefig(out_dir / "confusion_matrix.png", dpi=100)
     plt.close(fig)
@@ -116,7 +120,9 @@ def modality_ablation(model, config, metadata, split: str) -> list[dict]:
     return rows
 
 
-def evaluate(run_dir: str | Path, split: str = "test", compare: tuple[str, ...] = (), ablation: bool = True) -> dict:
+def evaluate(
+    run_dir: str | Path, split: str = "test", compare: tuple[str, ...] = (), ablation: bool = True
+) -> dict:
     """Evaluates a run on ``split``; writes report.json, report.md and plots."""
     run_dir = Path(run_dir)
     config, metadata, model = load_trained_model(run_dir)
@@ -132,22 +138,37 @@ def evaluate(run_dir: str | Path, split: str = "test", compare: tuple[str, ...] 
         "fusion": config.model.fusion.name,
         "metrics": classification_metrics(probabilities, labels, metadata.label_names),
     }
-    report["plots"] = {k: f"eval_{split}/{v}" for k, v in _plots(probabilities, labels, metadata.label_names, out_dir).items()}
+    report["plots"] = {
+        k: f"eval_{split}/{v}"
+        for k, v in _plots(probabilities, labels, metadata.label_names, out_dir).items()
+    }
     if ablation:
         report["ablation"] = modality_ablation(model, config, metadata, split)
-    report["comparison"] = [{"run": str(run_dir), "modalities": list(config.model.modalities),
-                             "fusion": config.model.fusion.name, "accuracy": report["metrics"]["accuracy"],
-                             "macro_f1": report["metrics"]["macro_f1"]}]
+    report["comparison"] = [
+        {
+            "run": str(run_dir),
+            "modalities": list(config.model.modalities),
+            "fusion": config.model.fusion.name,
+            "accuracy": report["metrics"]["accuracy"],
+            "macro_f1": report["metrics"]["macro_f1"],
+        }
+    ]
     for other in compare:
         other_config, other_metadata, other_model = load_trained_model(other)
         p, y, _ = predict_split(other_model, other_config, other_metadata, split)
         m = classification_metrics(p, y, other_metadata.label_names)
-        report["comparison"].append({"run": str(other), "modalities": list(other_config.model.modalities),
-                                     "fusion": other_config.model.fusion.name, "accuracy": m["accuracy"],
-                                     "macro_f1": m["macro_f1"]})
+        report["comparison"].append(
+            {
+                "run": str(other),
+                "modalities": list(other_config.model.modalities),
+                "fusion": other_config.model.fusion.name,
+                "accuracy": m["accuracy"],
+                "macro_f1": m["macro_f1"],
+            }
+        )
     with open(out_dir / "predictions.csv", "w", encoding="utf-8") as f:
         f.write("id,label,predicted," + ",".join(f"p_{i}" for i in range(probabilities.shape[1])) + "\n")
-        for i, y, p in zip(ids, labels, probabilities):
+        for i, y, p in zip(ids, labels, probabilities, strict=False):
             f.write(f"{i.decode()},{y},{p.argmax()}," + ",".join(f"{v:.5f}" for v in p) + "\n")
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     (run_dir / "report.md").write_text(to_markdown(report, metadata.label_names))
@@ -176,12 +197,20 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
     ]
     for name in label_names:
         c = m["per_class"][name]
-        lines.append(f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |")
+        lines.append(
+            f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+        )
     if report.get("ablation"):
         lines += ["", "## Modality ablation", "", "| setting | accuracy |", "|---|---|"]
         lines += [f"| {r['setting']} | {r['accuracy']:.4f} |" for r in report["ablation"]]
     if len(report.get("comparison", [])) > 1:
-        lines += ["", "## Fused vs other runs", "", "| run | modalities | fusion | accuracy | macro-F1 |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Fused vs other runs",
+            "",
+            "| run | modalities | fusion | accuracy | macro-F1 |",
+            "|---|---|---|---|---|",
+        ]
         lines += [
             f"| {r['run']} | {', '.join(r['modalities'])} | {r['fusion']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |"
             for r in report["comparison"]

@@ -160,8 +160,11 @@ def write_warmup(path: Path, config, metadata, model_name: str, count: int = 8) 
     records = []
     if split and (directory / metadata.shards[split][0]).exists():
         files = [str(directory / f) for f in metadata.shards[split]]
-        parsed = tf.data.TFRecordDataset(files).take(count).batch(count).map(
-            lambda s: tf.io.parse_example(s, features.raw_feature_spec())
+        parsed = (
+            tf.data.TFRecordDataset(files)
+            .take(count)
+            .batch(count)
+            .map(lambda s: tf.io.parse_example(s, features.raw_feature_spec()))
         )
         records = list(parsed)
     modalities = config.model.modalities
@@ -174,7 +177,9 @@ def write_warmup(path: Path, config, metadata, model_name: str, count: int = 8) 
                 )
                 for modality in modalities:
                     request.inputs[modality].CopyFrom(tf.make_tensor_proto([batch[modality][i].numpy()]))
-                log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+                log = prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=request)
+                )
                 writer.write(log.SerializeToString())
                 written += 1
     return written
@@ -185,7 +190,9 @@ def next_version(model_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def export_run(run_dir: str | Path, base_path: str | Path, model_name: str, version: int | None = None) -> Path:
+def export_run(
+    run_dir: str | Path, base_path: str | Path, model_name: str, version: int | None = None
+) -> Path:
     """Exports a run's best weights to ``BASE/NAME/VERSION`` atomically."""
     config, metadata, model = load_trained_model(run_dir)
     model_dir = Path(base_path) / model_name

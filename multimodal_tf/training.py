@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from multimodal_tf import config as config_lib, distribute
+from multimodal_tf import config as config_lib
+from multimodal_tf import distribute
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data import convert as convert_lib
@@ -41,7 +42,9 @@ def prepare_data(config: ExperimentConfig, progress: bool = True) -> DatasetMeta
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return convert_lib.convert(config.data.manifest, directory, config.data, on_error="skip", progress=progress)
+        return convert_lib.convert(
+            config.data.manifest, directory, config.data, on_error="skip", progress=progress
+        )
 
 
 def set_seed(seed: int) -> None:
@@ -126,8 +129,9 @@ class Throughput(keras.callbacks.Callback):
             print(f"epoch {epoch + 1}: {rate:,.0f} examples/s")
 
 
-def make_callbacks(config: ExperimentConfig, run_dir: Path, batch_size: int, chief: bool,
-                   steps_per_epoch: int | None = None):
+def make_callbacks(
+    config: ExperimentConfig, run_dir: Path, batch_size: int, chief: bool, steps_per_epoch: int | None = None
+):
     train = config.train
     # Non-chief workers must still run the callbacks (they take part in the
     # collectives) but write into a throwaway folder.
@@ -165,7 +169,7 @@ def plot_history(history: dict, path: Path) -> None:
 
     keys = [k for k in ("loss", "accuracy") if k in history]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-    for axis, key in zip(axes[0], keys):
+    for axis, key in zip(axes[0], keys, strict=False):
         epochs = range(1, len(history[key]) + 1)
         axis.plot(epochs, history[key], label=f"train {key}")
         if f"val_{key}" in history:
@@ -244,7 +248,9 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, run_dir / CONFIG_FILE)
-        shutil.copy(Path(convert_lib.default_tfrecord_dir(config.data)) / METADATA_FILE, run_dir / METADATA_FILE)
+        shutil.copy(
+            Path(convert_lib.default_tfrecord_dir(config.data)) / METADATA_FILE, run_dir / METADATA_FILE
+        )
     batch_size = config.data.batch_size
     steps_per_epoch = math.ceil(metadata.counts["train"]["examples"] / batch_size)
     if config.train.verbose:

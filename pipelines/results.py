@@ -31,7 +31,11 @@ def run_one(dataset: str, fusion: str | None, modalities: tuple[str, ...]) -> di
 
     yaml_path, _ = DATASETS[dataset]
     name = f"{dataset}-{fusion or 'single'}-{'+'.join(modalities)}"
-    overrides = [f"train.output_dir={OUT / name}", f"model.modalities=[{','.join(modalities)}]", "train.verbose=2"]
+    overrides = [
+        f"train.output_dir={OUT / name}",
+        f"model.modalities=[{','.join(modalities)}]",
+        "train.verbose=2",
+    ]
     if fusion:
         overrides.append(f"model.fusion.name={fusion}")
     config = config_lib.load([yaml_path], overrides)
@@ -40,15 +44,23 @@ def run_one(dataset: str, fusion: str | None, modalities: tuple[str, ...]) -> di
     seconds = time.perf_counter() - start
     report = evaluate(run_dir, ablation=False)
     return {
-        "name": name, "dataset": dataset, "fusion": fusion or "-", "modalities": list(modalities),
-        "test_accuracy": report["metrics"]["accuracy"], "macro_f1": report["metrics"]["macro_f1"],
+        "name": name,
+        "dataset": dataset,
+        "fusion": fusion or "-",
+        "modalities": list(modalities),
+        "test_accuracy": report["metrics"]["accuracy"],
+        "macro_f1": report["metrics"]["macro_f1"],
         "train_seconds": round(seconds, 1),
-        "command": f"mmtf train --config {yaml_path} " + " ".join(f"--set {o}" for o in overrides[:2] + overrides[3:]),
+        "command": f"mmtf train --config {yaml_path} "
+        + " ".join(f"--set {o}" for o in overrides[:2] + overrides[3:]),
     }
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | fusion | modalities | test accuracy | macro-F1 | train time (s) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | fusion | modalities | test accuracy | macro-F1 | train time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["fusion"] == "-", -r["test_accuracy"])):
         lines.append(
             f"| {r['dataset']} | {r['fusion']} | {'+'.join(r['modalities'])} | {r['test_accuracy']:.4f} "
@@ -58,7 +70,9 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=sorted(DATASETS))
     parser.add_argument("--fusions", help="comma-separated subset (default: all registered)")
     parser.add_argument("--no-unimodal", action="store_true")
@@ -74,7 +88,9 @@ def main() -> None:
         if args.only and dataset != args.only:
             continue
         plan = [(None, (m,)) for m in modalities] if not args.no_unimodal else []
-        plan = plan[:0] + [(f, modalities) for f in fusions[:1]] + plan + [(f, modalities) for f in fusions[1:]]
+        plan = (
+            plan[:0] + [(f, modalities) for f in fusions[:1]] + plan + [(f, modalities) for f in fusions[1:]]
+        )
         for fusion, mods in plan:
             name = f"{dataset}-{fusion or 'single'}-{'+'.join(mods)}"
             if name in done:

@@ -19,7 +19,9 @@ try:
 except RuntimeError:  # already initialised (e.g. when imported twice)
     pass
 
-SHARED_DATA = Path(os.environ.get("MMTF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("MMTF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 def shared_manifest(name: str) -> Path:

@@ -1,9 +1,6 @@
 """Manifest validation, conversion to TFRecords and the tf.data pipeline."""
 
 import csv
-import io
-import os
-import shutil
 import wave
 from pathlib import Path
 
@@ -86,7 +83,9 @@ def test_convert_fails_listing_records_or_skips_them(seeded_manifest, tmp_path, 
     assert cli.main(["data", "convert", str(seeded_manifest), str(tmp_path / "out")]) == 2
     assert "bad_wav" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metadata.json").exists()
-    assert cli.main(["data", "convert", str(seeded_manifest), str(tmp_path / "out2"), "--on-error", "skip"]) == 0
+    assert (
+        cli.main(["data", "convert", str(seeded_manifest), str(tmp_path / "out2"), "--on-error", "skip"]) == 0
+    )
     metadata = DatasetMetadata.load(tmp_path / "out2")
     assert len(metadata.counts["skipped"]) == 5
     total = sum(metadata.counts[s]["examples"] for s in metadata.shards)
@@ -130,13 +129,15 @@ def test_conversion_is_idempotent_and_atomic(synth_manifest, tmp_path):
 
 
 def test_pipeline_yields_every_example_once_with_its_label(synth_manifest, tmp_path):
-    config = ExperimentConfig(data=DataConfig(manifest=str(synth_manifest), tfrecord_dir=str(tmp_path / "t"), batch_size=16))
+    config = ExperimentConfig(
+        data=DataConfig(manifest=str(synth_manifest), tfrecord_dir=str(tmp_path / "t"), batch_size=16)
+    )
     metadata = convert.convert(synth_manifest, tmp_path / "t", config.data, progress=False)
     rows = {r["id"]: int(r["label"]) for r in csv.DictReader(open(synth_manifest))}
     seen = {}
     for split in ("train", "val", "test"):
         for _, labels, ids in pipeline.make_dataset(config, split, training=False, with_ids=True):
-            for label, example_id in zip(labels.numpy(), ids.numpy()):
+            for label, example_id in zip(labels.numpy(), ids.numpy(), strict=False):
                 seen[example_id.decode()] = int(label)
     assert seen == rows
     assert sum(metadata.counts[s]["examples"] for s in ("train", "val", "test")) == len(rows)
@@ -161,7 +162,9 @@ def _manifest_counts(manifest: Path):
 def test_real_dataset_round_trip(name, tmp_path):
     manifest = shared_manifest(name)
     rows, split_counts = _manifest_counts(manifest)
-    config = ExperimentConfig(data=DataConfig(manifest=str(manifest), tfrecord_dir=str(tmp_path / name), batch_size=256))
+    config = ExperimentConfig(
+        data=DataConfig(manifest=str(manifest), tfrecord_dir=str(tmp_path / name), batch_size=256)
+    )
     metadata = convert.convert(manifest, tmp_path / name, config.data, progress=False)
     assert metadata.counts["skipped"] == []
     assert metadata.counts["train"]["examples"] + metadata.counts["val"]["examples"] == split_counts["train"]
@@ -170,8 +173,10 @@ def test_real_dataset_round_trip(name, tmp_path):
     assert metadata.label_names == [names[i] for i in range(len(names))]
     expected = {r["id"]: int(r["label"]) for r in rows if r["split"] == "test"}
     got = {}
-    for x, labels, ids in pipeline.make_dataset(config, "test", training=False, metadata=metadata, with_ids=True):
-        got.update({i.decode(): int(y) for i, y in zip(ids.numpy(), labels.numpy())})
+    for x, labels, ids in pipeline.make_dataset(
+        config, "test", training=False, metadata=metadata, with_ids=True
+    ):
+        got.update({i.decode(): int(y) for i, y in zip(ids.numpy(), labels.numpy(), strict=False)})
         if name == "avmnist":  # no text in avmnist: flagged absent, not an error
             assert not x["text_present"].numpy().any() and x["audio_present"].numpy().all()
     assert got == expected

@@ -20,8 +20,12 @@ from multimodal_tf.training import load_trained_model, train
 @pytest.fixture(scope="module")
 def exported(synth_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_run")
-    config = tiny_config(f"data.manifest={synth_manifest}", f"train.output_dir={out / 'run'}", "train.epochs=1",
-                         "model.fusion.name=attention")
+    config = tiny_config(
+        f"data.manifest={synth_manifest}",
+        f"train.output_dir={out / 'run'}",
+        "train.epochs=1",
+        "model.fusion.name=attention",
+    )
     run = train(config, progress=False)
     assert cli.main(["export", str(run), "--base-path", str(out / "models"), "--model-name", "m"]) == 0
     return run, out / "models" / "m" / "1"
@@ -38,10 +42,15 @@ def test_layout_and_assets(exported):
     _, path = exported
     assert (path / "saved_model.pb").exists() and (path / "variables").is_dir()
     extra = path / "assets.extra"
-    assert (extra / "config.yaml").exists() and (extra / "label_names.txt").read_text().split() == [f"class_{i}" for i in range(8)]
+    assert (extra / "config.yaml").exists() and (extra / "label_names.txt").read_text().split() == [
+        f"class_{i}" for i in range(8)
+    ]
     from tensorflow_serving.apis import prediction_log_pb2
 
-    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(extra / export.WARMUP_FILE))]
+    logs = [
+        prediction_log_pb2.PredictionLog.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset(str(extra / export.WARMUP_FILE))
+    ]
     assert 0 < len(logs) < 1000
     assert set(logs[0].predict_log.request.inputs) == {"image", "text", "audio"}
 
@@ -107,7 +116,11 @@ def test_reload_in_a_fresh_process_equals_the_in_memory_model(exported, tmp_path
             writer.write(example)
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "examples.tfrecord")],
-        capture_output=True, text=True, timeout=300, env=env, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=True,
     )
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
     for name, values in outputs.items():
@@ -125,8 +138,10 @@ def test_raw_signature_handles_missing_modalities_and_names_bad_fields(exported)
     with pytest.raises(tf.errors.InvalidArgumentError, match="image: not a PNG"):
         serve(image=tf.constant([b"garbage"]), text=tf.constant([""]), audio=tf.constant([b""]))
     features_out = loaded.signatures["predict_features"](
-        **{name: tf.zeros([1] + spec.shape[1:].as_list(), spec.dtype)
-           for name, spec in features.model_feature_specs(tiny_config().data).items()}
+        **{
+            name: tf.zeros([1] + spec.shape[1:].as_list(), spec.dtype)
+            for name, spec in features.model_feature_specs(tiny_config().data).items()
+        }
     )
     assert features_out["probabilities"].shape == (1, 8)
 

@@ -125,12 +125,18 @@ def test_build_vocabulary_learns_words_of_the_corpus():
 def test_preprocessor_outputs_match_the_feature_specs_and_flags_absence():
     from multimodal_tf.data.features import model_feature_specs
 
-    config = DataConfig(image=ImageConfig(height=8, width=8), text=TextConfig(max_tokens=4),
-                        audio=AudioConfig(duration_seconds=0.25))
+    config = DataConfig(
+        image=ImageConfig(height=8, width=8),
+        text=TextConfig(max_tokens=4),
+        audio=AudioConfig(duration_seconds=0.25),
+    )
     preprocessor = Preprocessor(config, VOCAB)
     pixels = np.zeros((5, 5, 3), np.uint8)
-    raw = {"image": tf.constant([_png(pixels), b""]), "text": tf.constant(["", "red"]),
-           "audio": tf.constant([b"", _tone(300.0, seconds=0.25)])}
+    raw = {
+        "image": tf.constant([_png(pixels), b""]),
+        "text": tf.constant(["", "red"]),
+        "audio": tf.constant([b"", _tone(300.0, seconds=0.25)]),
+    }
     out = preprocessor(raw)
     specs = model_feature_specs(config)
     assert set(out) == set(specs)
@@ -139,4 +145,3 @@ def test_preprocessor_outputs_match_the_feature_specs_and_flags_absence():
     assert out["image_present"].numpy().tolist() == [1.0, 0.0]
     assert out["text_present"].numpy().tolist() == [0.0, 1.0]
     assert not out["audio"].numpy()[0].any() and out["audio"].numpy()[1].any()
-

@@ -38,9 +38,7 @@ def decode_wav(encoded: tf.Tensor, config: AudioConfig) -> tf.Tensor:
             tf.equal(rate, config.sample_rate),
             ["audio: sample rate", rate, "Hz, expected", config.sample_rate, "Hz"],
         )
-        check_samples = tf.debugging.Assert(
-            tf.shape(waveform)[0] > 0, ["audio: WAV holds no samples"]
-        )
+        check_samples = tf.debugging.Assert(tf.shape(waveform)[0] > 0, ["audio: WAV holds no samples"])
         with tf.control_dependencies([check_rate, check_samples]):
             mono = tf.reduce_mean(waveform, axis=-1)
         mono = mono[:length]

@@ -16,7 +16,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from multimodal_tf.config import DataConfig, fingerprint
-from multimodal_tf.data import audio_io, features, manifest as manifest_lib
+from multimodal_tf.data import audio_io, features
+from multimodal_tf.data import manifest as manifest_lib
 from multimodal_tf.data.metadata import DatasetMetadata
 from multimodal_tf.data.text import build_vocabulary
 from multimodal_tf.data.validate import check_record
@@ -109,7 +110,10 @@ def convert(
 ) -> DatasetMetadata:
     """Converts a manifest; returns the metadata (existing one if up to date)."""
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
-    source = {"manifest": str(manifest_path.resolve()), "fingerprint": _source_fingerprint(manifest_path, config)}
+    source = {
+        "manifest": str(manifest_path.resolve()),
+        "fingerprint": _source_fingerprint(manifest_path, config),
+    }
     if not force and (out_dir / "metadata.json").exists():
         existing = DatasetMetadata.load(out_dir)
         complete = all((out_dir / s).exists() for names in existing.shards.values() for s in names)
@@ -126,16 +130,16 @@ def convert(
             good.append(record)
     if problems and on_error == "fail":
         listing = "\n".join(f"  {p}" for p in problems[:50])
-        raise ConversionError(f"{len(problems)} problems in {manifest_path} (use --on-error skip):\n{listing}")
+        raise ConversionError(
+            f"{len(problems)} problems in {manifest_path} (use --on-error skip):\n{listing}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metadata.json").unlink(missing_ok=True)  # stale until rewritten
     splits = _assign_splits(good, config.validation_fraction)
     # A stable shuffle (by id hash) so shards and batches mix labels.
     for records in splits.values():
         records.sort(key=lambda r: hashlib.md5(r.id.encode()).hexdigest())
-    vocabulary = build_vocabulary(
-        [r.text.decode("utf-8") for r in splits[manifest_lib.TRAIN]], config.text
-    )
+    vocabulary = build_vocabulary([r.text.decode("utf-8") for r in splits[manifest_lib.TRAIN]], config.text)
     shards, counts = {}, {}
     bar = tqdm(total=len(good), desc="converting", disable=not progress, file=sys.stderr, mininterval=2)
     for split, records in splits.items():
@@ -149,8 +153,10 @@ def convert(
         shards[split] = _write_shards(out_dir, split, serialized, config.num_shards)
         counts[split] = {
             "examples": len(records),
-            "labels": {name: sum(manifest_lib.label_id(r, label_names) == i for r in records)
-                       for i, name in enumerate(label_names)},
+            "labels": {
+                name: sum(manifest_lib.label_id(r, label_names) == i for r in records)
+                for i, name in enumerate(label_names)
+            },
             "present": {m: sum(bool(getattr(r, m)) for r in records) for m in ("image", "text", "audio")},
         }
     bar.close()

@@ -12,12 +12,8 @@ _SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")
 
 def _check_format(encoded: tf.Tensor) -> tf.Tensor:
     head = tf.strings.substr(encoded, 0, 4)
-    known = tf.reduce_any(
-        [tf.strings.substr(head, 0, len(sig)) == sig for sig in _SIGNATURES]
-    )
-    return tf.debugging.Assert(
-        known, ["image: not a PNG, JPEG, GIF or BMP file (unrecognised header)"]
-    )
+    known = tf.reduce_any([tf.strings.substr(head, 0, len(sig)) == sig for sig in _SIGNATURES])
+    return tf.debugging.Assert(known, ["image: not a PNG, JPEG, GIF or BMP file (unrecognised header)"])
 
 
 def _to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:

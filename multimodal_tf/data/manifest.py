@@ -54,9 +54,7 @@ def _text_of(base: Path, cell: str, source: str) -> tuple[bytes, str]:
     if not cell.strip():
         return b"", ""
     candidate = Path(_resolve(base, cell))
-    is_path = source == "path" or (
-        source == "auto" and cell.strip().endswith(".txt") and candidate.is_file()
-    )
+    is_path = source == "path" or (source == "auto" and cell.strip().endswith(".txt") and candidate.is_file())
     if not is_path:
         return raw, ""
     try:

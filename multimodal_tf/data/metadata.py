@@ -40,10 +40,8 @@ class DatasetMetadata:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "DatasetMetadata":
+    def load(cls, directory: str | Path) -> DatasetMetadata:
         path = Path(directory) / METADATA_FILE
         if not path.exists():
-            raise FileNotFoundError(
-                f"{path} not found: convert the manifest first (mmtf data convert)"
-            )
+            raise FileNotFoundError(f"{path} not found: convert the manifest first (mmtf data convert)")
         return cls(**json.loads(path.read_text()))

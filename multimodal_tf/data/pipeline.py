@@ -78,7 +78,9 @@ def make_dataset(
     if training:
         dataset = dataset.shuffle(len(files), seed=config.train.seed)
     dataset = dataset.interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(files), 4), num_parallel_calls=AUTOTUNE,
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 4),
+        num_parallel_calls=AUTOTUNE,
         deterministic=True,  # reproducible runs with a fixed seed
     )
     if shard_data:

@@ -6,7 +6,7 @@ predictor all call :class:`Preprocessor`, so training and serving cannot skew.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 

@@ -63,7 +63,11 @@ def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     if shape == "triangle":
         return (dy <= radius * 0.7) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
     thickness = radius * 0.3
-    return ((np.abs(dy) <= thickness) | (np.abs(dx) <= thickness)) & (np.abs(dy) <= radius) & (np.abs(dx) <= radius)
+    return (
+        ((np.abs(dy) <= thickness) | (np.abs(dx) <= thickness))
+        & (np.abs(dy) <= radius)
+        & (np.abs(dx) <= radius)
+    )
 
 
 def make_image(label: int, rng: np.random.Generator, size: int = 32) -> bytes:

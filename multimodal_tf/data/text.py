@@ -7,7 +7,7 @@ lookup table to be tracked.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import tensorflow as tf
 import tensorflow_text as tf_text
@@ -43,12 +43,8 @@ def build_vocabulary(texts: Iterable[str], config: TextConfig) -> list[str]:
 
 def check_utf8(texts: tf.Tensor) -> tf.Operation:
     """Asserts every string is valid UTF-8 (re-encoding changes invalid bytes)."""
-    clean = tf.strings.unicode_transcode(
-        texts, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD
-    )
-    return tf.debugging.Assert(
-        tf.reduce_all(tf.equal(clean, texts)), ["text: not valid UTF-8"]
-    )
+    clean = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+    return tf.debugging.Assert(tf.reduce_all(tf.equal(clean, texts)), ["text: not valid UTF-8"])
 
 
 class TextTokenizer(tf.Module):

@@ -9,7 +9,8 @@ from pathlib import Path
 import tensorflow as tf
 
 from multimodal_tf.config import DataConfig
-from multimodal_tf.data import audio_io, manifest as manifest_lib
+from multimodal_tf.data import audio_io
+from multimodal_tf.data import manifest as manifest_lib
 from multimodal_tf.data.image import decode_image
 
 
@@ -121,8 +122,12 @@ def validate(manifest_path: str | Path, config: DataConfig) -> Report:
     label_names = manifest_lib.label_names_of(manifest)
     problems: list[Problem] = []
     splits: dict = collections.defaultdict(
-        lambda: {"examples": 0, "labels": collections.Counter(),
-                 "present": collections.Counter(), "missing": collections.Counter()}
+        lambda: {
+            "examples": 0,
+            "labels": collections.Counter(),
+            "present": collections.Counter(),
+            "missing": collections.Counter(),
+        }
     )
     seen_ids = set()
     for record in manifest.records:

@@ -138,7 +138,14 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
         **kwargs: standard layer arguments.
     """
 
-    def __init__(self, vocab_size: int, embedding_dim: int = 32, output_dim: int = 64, dropout_rate: float = 0.1, **kwargs):
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 32,
+        output_dim: int = 64,
+        dropout_rate: float = 0.1,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
