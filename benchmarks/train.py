@@ -6,7 +6,7 @@ input_pipeline.py), stacks numpy arrays and calls ``fit`` on them; ours
 streams the TFRecord pipeline. Printed side by side: load time, steady-state
 training examples/s (epochs after the first), and end-to-end wall time.
 
-    python benchmarks/train.py [--config pipelines/emoji3.yaml] [--epochs 3]
+    python benchmarks/train.py [--config pipelines/emoji3.yaml] [--epochs 3] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def main() -> None:
     )
     parser.add_argument("--config", default=str(ROOT / "pipelines" / "emoji3.yaml"))
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
-    config = config_lib.load([args.config])
+    config = config_lib.load([args.config], args.set)
     metadata = prepare_data(config, progress=False)
     train_ids = set()
     for _, _, ids in pipeline.make_dataset(config, "train", training=False, metadata=metadata, with_ids=True):
