@@ -26,6 +26,7 @@ from multimodal_tf import config as config_lib  # noqa: E402
 from multimodal_tf.compat import keras, tf  # noqa: E402
 from multimodal_tf.data import manifest as manifest_lib  # noqa: E402
 from multimodal_tf.data import pipeline
+from multimodal_tf.data.text import vocabulary_size  # noqa: E402
 from multimodal_tf.models import build_model, loss_for  # noqa: E402
 from multimodal_tf.training import prepare_data, set_seed  # noqa: E402
 
@@ -45,7 +46,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 def compiled_model(config, metadata):
     set_seed(config.train.seed)
-    model = build_model(config, metadata.num_classes, len(metadata.vocabulary))
+    model = build_model(config, metadata.num_classes, vocabulary_size(config.data.text, metadata.vocabulary))
     model.compile(keras.optimizers.Adam(config.train.learning_rate), loss_for(config), ["accuracy"])
     return model
 

@@ -44,10 +44,16 @@ class ImageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Text preprocessing: normalise, WordPiece-tokenize, pad/truncate."""
+    """Text preprocessing: normalise, tokenize, pad/truncate."""
 
     max_tokens: int = 16
-    vocab_size: int = 2000  # target size for the vocabulary built at conversion
+    # "wordpiece": ids from the WordPiece vocabulary built at conversion.
+    # "ngrams": hashed words + character n-grams (fastText-style); generalises
+    # to unseen words of short texts (names, labels) where WordPiece cannot.
+    tokenizer: str = "wordpiece"
+    vocab_size: int = 2000  # wordpiece: target size for the vocabulary built at conversion
+    ngram_range: tuple[int, int] = (2, 4)  # ngrams: character n-gram lengths (inclusive)
+    hash_buckets: int = 20000  # ngrams: ids are 1..hash_buckets (0 = padding)
     lower_case: bool = True
     # "auto": a cell that names an existing *.txt file is read from it;
     # "inline": the cell is the text; "path": the cell is always a file path.
@@ -100,6 +106,7 @@ class EncoderConfig:
     dropout_rate: float = 0.1
     embedding_dim: int = 32  # text only
     bidirectional: bool = False  # recurrent encoders only
+    augment: bool = False  # image/cnn only: random flips, shifts, zooms while training
     checkpoint: str = ""  # local pretrained weights (never downloaded)
 
 

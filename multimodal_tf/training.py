@@ -25,6 +25,7 @@ from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data import convert as convert_lib
 from multimodal_tf.data.metadata import DatasetMetadata
 from multimodal_tf.data.pipeline import make_dataset
+from multimodal_tf.data.text import vocabulary_size
 from multimodal_tf.models import build_model, labels_for_head, loss_for
 
 CONFIG_FILE, METADATA_FILE = "config.yaml", "metadata.json"
@@ -194,7 +195,11 @@ def load_run(run_dir: str | Path) -> tuple[ExperimentConfig, DatasetMetadata]:
 def load_trained_model(run_dir: str | Path, weights: str = BEST_WEIGHTS):
     """Rebuilds a run's model with build_model and loads its weights."""
     config, metadata = load_run(run_dir)
-    model = build_model(config, config.model.num_classes or metadata.num_classes, len(metadata.vocabulary))
+    model = build_model(
+        config,
+        config.model.num_classes or metadata.num_classes,
+        vocabulary_size(config.data.text, metadata.vocabulary),
+    )
     path = Path(run_dir) / weights
     if not path.exists():
         path = Path(run_dir) / LAST_WEIGHTS
@@ -259,7 +264,7 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
             f"{batch_size} ({batch_size // max(1, strategy.num_replicas_in_sync)} per replica)"
         )
     with strategy.scope():
-        model = build_model(config, num_classes, len(metadata.vocabulary))
+        model = build_model(config, num_classes, vocabulary_size(config.data.text, metadata.vocabulary))
         model.compile(
             optimizer=make_optimizer(config, steps_per_epoch, strategy.num_replicas_in_sync),
             loss=loss_for(config),
@@ -287,7 +292,9 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
         **fit_steps,
     )
     if distribute.needs_repeated_input(strategy):
-        model = _local_copy(model, config, num_classes, len(metadata.vocabulary))
+        model = _local_copy(
+            model, config, num_classes, vocabulary_size(config.data.text, metadata.vocabulary)
+        )
     if chief:
         values = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         (run_dir / "history.json").write_text(json.dumps(values, indent=1))

@@ -39,6 +39,7 @@ from multimodal_tf.compat import import_keras_tuner, keras
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.metadata import DatasetMetadata
 from multimodal_tf.data.pipeline import make_dataset
+from multimodal_tf.data.text import vocabulary_size
 from multimodal_tf.models import build_model, loss_for
 from multimodal_tf.registry import FUSIONS
 
@@ -151,7 +152,9 @@ class MultimodalHyperModel(kt.HyperModel):
     def build(self, hp):
         config = self.trial_config(hp)
         training.set_seed(config.train.seed)
-        model = build_model(config, self.num_classes, len(self.metadata.vocabulary))
+        model = build_model(
+            config, self.num_classes, vocabulary_size(config.data.text, self.metadata.vocabulary)
+        )
         model.compile(
             optimizer=training.make_optimizer(config, self._steps_per_epoch(config)),
             loss=loss_for(config),

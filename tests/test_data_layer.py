@@ -153,6 +153,45 @@ def test_multi_worker_sharding_covers_all_files_without_empty_workers(num_files,
         assert sorted(f for part, _ in parts for f in part) == files
 
 
+def test_a_split_smaller_than_the_worker_count_feeds_every_worker(synth_manifest, tmp_path):
+    """One val example, three input pipelines: no worker may be left without data."""
+    rows = list(csv.DictReader(open(synth_manifest, encoding="utf-8")))
+    val_rows = [r for r in rows if r["split"] == "val"] or [rows[0]]
+    for row in rows:
+        row["split"] = "val" if row is val_rows[0] else ("test" if row["split"] == "test" else "train")
+    manifest = synth_manifest.parent / "one_val.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = ExperimentConfig(
+        data=DataConfig(manifest=str(manifest), tfrecord_dir=str(tmp_path / "t"), batch_size=6)
+    )
+    metadata = convert.convert(manifest, tmp_path / "t", config.data, progress=False)
+    assert metadata.counts["val"]["examples"] == 1
+    for index in range(3):
+        context = tf.distribute.InputContext(3, index, 1)
+        ids = [
+            i.decode()
+            for _, _, batch in pipeline.make_dataset(config, "val", context, training=False, with_ids=True)
+            for i in batch.numpy()
+        ]
+        assert ids == [val_rows[0]["id"]], index
+        # The train split (enough examples) is still sharded: disjoint parts.
+    parts = [
+        {
+            i.decode()
+            for _, _, batch in pipeline.make_dataset(
+                config, "train", tf.distribute.InputContext(3, index, 1), training=False, with_ids=True
+            )
+            for i in batch.numpy()
+        }
+        for index in range(3)
+    ]
+    assert all(parts) and not (parts[0] & parts[1]) and not (parts[1] & parts[2])
+    assert sum(map(len, parts)) == metadata.counts["train"]["examples"]
+
+
 def _manifest_counts(manifest: Path):
     rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
     return rows, {s: sum(r["split"] == s for r in rows) for s in ("train", "test")}

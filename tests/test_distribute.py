@@ -14,6 +14,7 @@ import pytest
 from multimodal_tf import distribute, launch
 from multimodal_tf.compat import keras
 from multimodal_tf.data.pipeline import make_dataset
+from multimodal_tf.data.text import vocabulary_size
 from multimodal_tf.models import build_model, loss_for
 from multimodal_tf.testing import TINY_OVERRIDES, tiny_config
 from multimodal_tf.training import LAST_WEIGHTS, load_trained_model, prepare_data, supervised_dataset
@@ -60,7 +61,7 @@ def test_mirrored_over_two_cpus_gives_the_default_loss_for_one_step(synth_manife
         "model.head.dropout_rate=0.0",
     )
     metadata = prepare_data(config, progress=False)
-    num_classes, vocab_size = metadata.num_classes, len(metadata.vocabulary)
+    num_classes, vocab_size = metadata.num_classes, vocabulary_size(config.data.text, metadata.vocabulary)
     dataset = supervised_dataset(
         make_dataset(config, "train", training=False, metadata=metadata), config, num_classes
     )
@@ -173,6 +174,28 @@ def test_two_worker_multi_worker_run_ends_with_identical_weights(multi_worker_ru
     _, _, model = load_trained_model(multi_worker_run, LAST_WEIGHTS)
     assert distribute.weights_checksum(model.get_weights()) == summaries["worker-0"]["weights_sha256"]
     assert not list((multi_worker_run / ".worker_tmp_1").rglob("*.h5"))  # worker 1 wrote no checkpoint
+
+
+@pytest.mark.slow
+def test_two_workers_finish_when_the_val_split_has_one_example(synth_manifest, tmp_path):
+    """Fewer val examples than workers: no worker runs dry (that would hang the collectives)."""
+    rows = list(csv.DictReader(open(synth_manifest, encoding="utf-8")))
+    for index, row in enumerate(rows):
+        row["split"] = "val" if index == 0 else ("test" if row["split"] == "test" else "train")
+    manifest = synth_manifest.parent / "one_val_example.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    prepare_data(tiny_config(f"data.manifest={manifest}"), progress=False)
+    run_dir = tmp_path / "run"
+    command = train_command(manifest, run_dir, "train.epochs=1", "train.strategy=multi_worker")
+    code = launch.launch(
+        command, workers=2, log_dir=tmp_path / "logs", timeout=LAUNCH_TIMEOUT, echo_chief=False
+    )
+    assert code == 0, (tmp_path / "logs" / "worker-1.log").read_text()[-3000:]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert len(history["val_loss"]) == 1 and np.isfinite(history["val_loss"]).all()
 
 
 @pytest.mark.slow

@@ -106,6 +106,23 @@ def test_audio_encoders_ignore_recording_level():
         )
 
 
+def test_image_augmentation_acts_only_while_training():
+    plain, augmented = make_encoder("image/cnn"), make_encoder("image/cnn", augment=True)
+    images = make_input("image/cnn")
+    plain(images)
+    augmented(images)
+    augmented.set_weights(plain.get_weights())
+    assert augmented.get_config()["augment"] is True
+    assert type(augmented).from_config(augmented.get_config()).augment is True
+    # Inference: augmentation is the identity, so the two encoders agree exactly.
+    np.testing.assert_allclose(
+        augmented(images, training=False).numpy(), plain(images, training=False).numpy(), atol=1e-6
+    )
+    # Training: the augmented encoder sees transformed images.
+    shifted = [layer(images, training=True) for layer in augmented.augmentation]
+    assert all(not np.allclose(x.numpy(), images.numpy()) for x in shifted[1:])
+
+
 def test_encoder_checkpoint_round_trip(tmp_path):
     encoder = make_encoder("image/cnn")
     images = make_input("image/cnn")

@@ -154,3 +154,31 @@ def test_versions_increment_and_existing_versions_are_refused(exported):
     with pytest.raises(export.ExportError, match="already exists"):
         export.export_run(run, base, "m", version=2)
     assert sorted(p.name for p in (base / "m").iterdir()) == ["1", "2"]  # no temp dirs left
+
+
+def test_ngram_tokenizer_and_image_augmentation_export_and_match_the_model(synth_manifest, tmp_path):
+    """The n-gram tokenizer is core TF ops (passes the op check); augmentation is off in serving."""
+    config = tiny_config(
+        f"data.manifest={synth_manifest}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "data.text.tokenizer=ngrams",
+        "data.text.max_tokens=32",
+        "data.text.hash_buckets=500",
+        "model.modalities=[image,text]",
+        "model.text_encoder.name=text/bow",
+        "model.image_encoder.augment=true",
+    )
+    run = train(config, progress=False)
+    assert cli.main(["export", str(run), "--base-path", str(tmp_path / "models"), "--model-name", "n"]) == 0
+    path = tmp_path / "models" / "n" / "1"
+    ops = export.graph_ops(path)
+    assert "StringToHashBucketFast" in ops and "FastWordpieceTokenizeWithOffsets" not in ops
+    config, metadata, model = load_trained_model(run)
+    examples = tf.constant(_test_examples(run))
+    from multimodal_tf.data.preprocessing import Preprocessor
+
+    preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model.modalities)
+    expected = model(preprocessor(preprocessor.parse_examples(examples)), training=False).numpy()
+    loaded = tf.saved_model.load(str(path))
+    served = loaded.signatures["predict_examples"](examples=examples)["probabilities"].numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)

@@ -1,5 +1,6 @@
 """In-graph preprocessing checked against independent references."""
 
+import dataclasses
 import io
 import math
 import wave
@@ -114,6 +115,50 @@ def test_tokenizer_truncates_and_rejects_invalid_utf8():
     assert tokenizer(tf.constant(["a red thing"])).numpy().tolist() == [[8, 5]]
     with pytest.raises(tf.errors.InvalidArgumentError, match="text: not valid UTF-8"):
         tokenizer(tf.constant([b"caf\xe9"]))
+
+
+def _reference_ngrams(text_value: str, low: int, high: int) -> list[str]:
+    """Independent n-gram extraction: words (letters/digits) first, then each word's n-grams."""
+    import re
+
+    words = ["<" + w + ">" for w in re.findall(r"[^\W_]+", text_value.lower())]
+    grams = [w[i : i + n] for w in words for n in range(low, high + 1) for i in range(len(w) - n + 1)]
+    return words + grams
+
+
+def test_ngram_tokenizer_matches_a_python_reference():
+    config = TextConfig(tokenizer="ngrams", max_tokens=64, ngram_range=(2, 3), hash_buckets=1000)
+    tokenizer = text.TextTokenizer(text.RESERVED_TOKENS, config)
+    texts = ["Grinning face", "flag: Côte d’Ivoire", "", "a"]
+    ids = tokenizer(tf.constant(texts)).numpy()
+    assert ids.shape == (4, 64) and ids.dtype == np.int64
+    assert text.vocabulary_size(config, text.RESERVED_TOKENS) == 1001
+    for row, value in zip(ids, texts, strict=True):
+        grams = _reference_ngrams(value, 2, 3)
+        expected = (tf.strings.to_hash_bucket_fast(grams, 1000).numpy() + 1).tolist() if grams else []
+        assert row[: len(expected)].tolist() == expected, value
+        assert not row[len(expected) :].any()
+    assert ids.max() <= 1000
+
+
+def test_ngram_tokenizer_shares_ids_between_related_unseen_words_and_truncates_ngrams_first():
+    config = TextConfig(tokenizer="ngrams", max_tokens=3, ngram_range=(3, 3), hash_buckets=1 << 20)
+    tokenizer = text.TextTokenizer(text.RESERVED_TOKENS, config)
+    wide = text.TextTokenizer(text.RESERVED_TOKENS, dataclasses.replace(config, max_tokens=32))
+    smiling, smiley = (set(row) for row in wide(tf.constant(["smiling", "smiley"])).numpy())
+    assert len((smiling & smiley) - {0}) >= 3  # "<sm", "smi", "mil"
+    # Three words, max_tokens 3: the three word ids survive, no n-gram does.
+    words_only = tokenizer(tf.constant(["cat dog fox"])).numpy()[0]
+    expected = tf.strings.to_hash_bucket_fast(["<cat>", "<dog>", "<fox>"], 1 << 20).numpy() + 1
+    assert words_only.tolist() == expected.tolist()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="text: not valid UTF-8"):
+        tokenizer(tf.constant([b"caf\xe9"]))
+    with pytest.raises(ValueError, match="data.text.tokenizer"):
+        text.TextTokenizer(text.RESERVED_TOKENS, TextConfig(tokenizer="bpe"))
+    with pytest.raises(ValueError, match="data.text.ngram_range"):
+        text.TextTokenizer(text.RESERVED_TOKENS, TextConfig(tokenizer="ngrams", ngram_range=(3, 2)))
+    with pytest.raises(ValueError, match="cannot be detokenized"):
+        tokenizer.detokenize([[1, 2]])
 
 
 def test_build_vocabulary_learns_words_of_the_corpus():

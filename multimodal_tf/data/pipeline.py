@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import tensorflow as tf
@@ -18,17 +19,31 @@ AUTOTUNE = tf.data.AUTOTUNE
 PREPROCESS_BLOCK = 128
 
 
-def shard_files(files: list[str], input_context: tf.distribute.InputContext | None):
+def shard_files(
+    files: list[str],
+    input_context: tf.distribute.InputContext | None,
+    num_examples: int | None = None,
+):
     """Per-worker file list and whether data-level sharding is still needed.
 
     With at least as many files as input pipelines each worker reads its own
-    files; otherwise every worker reads all files and keeps every N-th
-    example, so no worker is left without data (an empty worker hangs
-    collective ops).
+    files (conversion never writes an empty shard); otherwise every worker
+    reads all files and keeps every N-th example. A split with fewer
+    examples than input pipelines is not sharded at all — every worker reads
+    all of it — because a worker left without data ends its (repeated)
+    dataset at once while the others wait for it in a collective: the job
+    would hang.
     """
     if input_context is None or input_context.num_input_pipelines <= 1:
         return files, False
     count, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+    if num_examples is not None and num_examples < count:
+        logging.warning(
+            "%d examples for %d input pipelines: every worker reads the whole split (no sharding)",
+            num_examples,
+            count,
+        )
+        return files, False
     if len(files) >= count:
         return files[index::count], False
     return files, True
@@ -66,7 +81,11 @@ def make_dataset(
     batch_size = batch_size or data.batch_size
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    files, shard_data = shard_files([str(directory / f) for f in metadata.shards[split]], input_context)
+    files, shard_data = shard_files(
+        [str(directory / f) for f in metadata.shards[split]],
+        input_context,
+        metadata.counts[split]["examples"],
+    )
     preprocessor = Preprocessor(data, metadata.vocabulary, config.model.modalities)
 
     def preprocess(serialized):

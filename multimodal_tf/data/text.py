@@ -1,8 +1,15 @@
-"""In-graph text preprocessing: UTF-8 check, normalisation, WordPiece ids.
+"""In-graph text preprocessing: UTF-8 check, normalisation, token ids.
 
-Uses tensorflow-text's FastBertTokenizer (basic BERT normalisation and
-splitting, then WordPiece) — its ops are linked into TF Serving and need no
-lookup table to be tracked.
+Two tokenizers (``data.text.tokenizer``):
+
+- ``wordpiece``: tensorflow-text's FastBertTokenizer (basic BERT
+  normalisation and splitting, then WordPiece) over the vocabulary built at
+  conversion — its ops are linked into TF Serving and need no lookup table.
+- ``ngrams``: every word and its character n-grams (words padded with
+  ``<``/``>``, as fastText and scikit-learn's ``char_wb`` do), hashed into
+  ``hash_buckets`` ids with FarmHash (core TF ops only). Unseen words still
+  share n-grams with seen ones, which is what short texts (emoji or product
+  names, labels) need.
 """
 
 from __future__ import annotations
@@ -16,6 +23,14 @@ from multimodal_tf.config import TextConfig
 
 PAD, UNK = "[PAD]", "[UNK]"
 RESERVED_TOKENS = (PAD, UNK, "[CLS]", "[SEP]", "[MASK]")
+TOKENIZERS = ("wordpiece", "ngrams")
+
+
+def vocabulary_size(config: TextConfig, vocabulary: Sequence[str]) -> int:
+    """Number of token ids the tokenizer emits (ids are < this; 0 = padding)."""
+    if config.tokenizer == "ngrams":
+        return config.hash_buckets + 1
+    return len(vocabulary)
 
 
 def build_vocabulary(texts: Iterable[str], config: TextConfig) -> list[str]:
@@ -57,28 +72,79 @@ class TextTokenizer(tf.Module):
 
     def __init__(self, vocabulary: Sequence[str], config: TextConfig, name: str = "tokenizer"):
         super().__init__(name=name)
+        if config.tokenizer not in TOKENIZERS:
+            raise ValueError(f"data.text.tokenizer: unknown {config.tokenizer!r}; choose one of {TOKENIZERS}")
         if list(vocabulary[:2]) != [PAD, UNK]:
             raise ValueError(f"vocabulary must start with {PAD}, {UNK}; got {vocabulary[:2]}")
         self.vocabulary = list(vocabulary)
         self.config = config
-        self._tokenizer = tf_text.FastBertTokenizer(
-            vocab=self.vocabulary,
-            token_out_type=tf.int64,
-            unknown_token=UNK,
-            lower_case_nfd_strip_accents=config.lower_case,
-        )
+        self.vocab_size = vocabulary_size(config, vocabulary)
+        if config.tokenizer == "ngrams":
+            low, high = (tuple(config.ngram_range) + (0, 0))[:2]
+            if len(config.ngram_range) != 2 or not 1 <= low <= high:
+                raise ValueError(
+                    f"data.text.ngram_range: expected [min, max] with 1 <= min <= max, got {config.ngram_range}"
+                )
+            if config.hash_buckets < 1:
+                raise ValueError(f"data.text.hash_buckets: must be >= 1, got {config.hash_buckets}")
+            self._tokenizer = None
+        else:
+            self._tokenizer = tf_text.FastBertTokenizer(
+                vocab=self.vocabulary,
+                token_out_type=tf.int64,
+                unknown_token=UNK,
+                lower_case_nfd_strip_accents=config.lower_case,
+            )
 
     def __call__(self, texts: tf.Tensor) -> tf.Tensor:
         """[B] UTF-8 strings -> [B, max_tokens] int64 ids (empty string -> zeros)."""
         with tf.control_dependencies([check_utf8(texts)]):
             texts = tf.identity(texts)
-        ids = self._tokenizer.tokenize(texts)
-        if isinstance(ids, tf.RaggedTensor) and ids.ragged_rank > 1:
-            ids = ids.merge_dims(-2, -1)
+        if self._tokenizer is None:
+            ids = self._ngram_ids(texts)
+        else:
+            ids = self._tokenizer.tokenize(texts)
+            if isinstance(ids, tf.RaggedTensor) and ids.ragged_rank > 1:
+                ids = ids.merge_dims(-2, -1)
         return ids.to_tensor(default_value=0, shape=[None, self.config.max_tokens])
 
+    def _ngram_ids(self, texts: tf.Tensor) -> tf.RaggedTensor:
+        """[B] strings -> ragged [B, T] ids: all the words first, then their n-grams.
+
+        Words come first so that truncation to ``max_tokens`` drops n-grams
+        before it drops words.
+        """
+        if self.config.lower_case:
+            texts = tf.strings.lower(texts, encoding="utf-8")
+        # Words = runs of letters, digits and marks; everything else separates.
+        texts = tf.strings.regex_replace(texts, r"[^\pL\pN\pM]+", " ")
+        words = tf.strings.split(texts)  # ragged [B, W]
+        bounded = tf.strings.join(["<", words.flat_values, ">"])  # [N]
+        chars = tf.strings.unicode_split(bounded, "UTF-8")  # ragged [N, C]
+        lengths = chars.row_lengths()
+        padded = chars.to_tensor(default_value="")
+        per_word = []
+        low, high = self.config.ngram_range
+        for n in range(low, high + 1):
+            count = tf.maximum(lengths - n + 1, 0)
+            width = tf.maximum(tf.shape(padded, out_type=tf.int64)[1] - n + 1, 0)
+            grams = tf.strings.join([padded[:, k : k + width] for k in range(n)])  # [N, width]
+            per_word.append(tf.RaggedTensor.from_tensor(grams, lengths=count))
+        grams = tf.concat(per_word, axis=1)  # ragged [N, G]
+        grams = tf.RaggedTensor.from_row_splits(grams, words.row_splits).merge_dims(1, 2)  # [B, G']
+        tokens = tf.concat([words.with_flat_values(bounded), grams], axis=1)
+        return tokens.with_flat_values(
+            tf.strings.to_hash_bucket_fast(tokens.flat_values, self.config.hash_buckets) + 1
+        )
+
     def detokenize(self, ids) -> list[str]:
-        """Ids -> WordPiece strings joined back into words (for checks and debugging)."""
+        """Ids -> WordPiece strings joined back into words (for checks and debugging).
+
+        Raises:
+            ValueError: for the ``ngrams`` tokenizer, whose hashes cannot be inverted.
+        """
+        if self._tokenizer is None:
+            raise ValueError("ngrams token ids are hashes and cannot be detokenized")
         words = []
         for row in ids:
             pieces = [self.vocabulary[i] for i in row if i != 0]

@@ -47,11 +47,20 @@ class ImageCNNEncoder(keras.layers.Layer):
         depth: number of Conv2D-BatchNorm-ReLU-MaxPool blocks.
         output_dim: embedding size.
         dropout_rate: dropout on the embedding.
+        augment: random horizontal flips, shifts and zooms of up to 10% while
+            training (identity at inference, so serving is unchanged); for
+            small image sets where the CNN otherwise memorises the pictures.
         **kwargs: standard layer arguments.
     """
 
     def __init__(
-        self, width: int = 32, depth: int = 2, output_dim: int = 64, dropout_rate: float = 0.1, **kwargs
+        self,
+        width: int = 32,
+        depth: int = 2,
+        output_dim: int = 64,
+        dropout_rate: float = 0.1,
+        augment: bool = False,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if width < 1 or depth < 1 or output_dim < 1:
@@ -62,6 +71,16 @@ class ImageCNNEncoder(keras.layers.Layer):
         self.depth = depth
         self.output_dim = output_dim
         self.dropout_rate = dropout_rate
+        self.augment = augment
+        self.augmentation = (
+            [
+                keras.layers.RandomFlip("horizontal", name="random_flip"),
+                keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", name="random_shift"),
+                keras.layers.RandomZoom(0.1, fill_mode="constant", name="random_zoom"),
+            ]
+            if augment
+            else []
+        )
         self.blocks = conv_blocks(width, depth)
         self.flatten = keras.layers.Flatten(name="flatten")
         self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
@@ -75,11 +94,14 @@ class ImageCNNEncoder(keras.layers.Layer):
             depth=config.depth,
             output_dim=config.output_dim,
             dropout_rate=config.dropout_rate,
+            augment=config.augment,
             **kwargs,
         )
 
     def call(self, images: tf.Tensor, training=None) -> tf.Tensor:
         x = images
+        for layer in self.augmentation:
+            x = layer(x, training=training)
         for layer in self.blocks:
             x = layer(x, training=training)
         x = self.projection(self.flatten(x))
@@ -93,6 +115,7 @@ class ImageCNNEncoder(keras.layers.Layer):
                 "depth": self.depth,
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
+                "augment": self.augment,
             }
         )
         return config
