@@ -141,6 +141,7 @@ class MultimodalHyperModel(kt.HyperModel):
         self.metadata = metadata
         self.space = space
         self.num_classes = config.model.num_classes or metadata.num_classes
+        self.epochs_trained = 0  # epochs run by this process's trials (budget accounting)
 
     def trial_config(self, hp) -> ExperimentConfig:
         values = {name: declare(hp, name, spec) for name, spec in self.space.items()}
@@ -185,8 +186,12 @@ class MultimodalHyperModel(kt.HyperModel):
                     monitor=config.train.monitor, patience=config.train.early_stopping_patience
                 )
             )
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: self._count_epoch()))
         kwargs.setdefault("epochs", config.train.epochs)
         return model.fit(train, validation_data=val, callbacks=callbacks, **kwargs)
+
+    def _count_epoch(self) -> None:
+        self.epochs_trained += 1
 
 
 def objective_for(monitor: str):
@@ -264,6 +269,7 @@ class TuneResult:
     num_trials: int = 0
     run_dir: Path | None = None
     export_path: Path | None = None
+    epochs_trained: int = 0  # by this process's trials (a resumed search counts only its own)
 
 
 def trial_rows(tuner) -> list[dict]:
@@ -374,6 +380,7 @@ def tune(
         return TuneResult(role, project_dir)
     result = write_reports(tuner, hypermodel, project_dir)
     result.role = role
+    result.epochs_trained = hypermodel.epochs_trained
     if export_best:
         from multimodal_tf.export import export_run  # noqa: PLC0415
 

@@ -25,10 +25,8 @@ DATASETS = {
 OUT = Path("runs/results")
 
 
-def run_one(dataset: str, fusion: str | None, modalities: tuple[str, ...]) -> dict:
-    from multimodal_tf.evaluation import evaluate
-    from multimodal_tf.training import train
-
+def plan_row(dataset: str, fusion: str | None, modalities: tuple[str, ...]):
+    """(row name, resolved config, overrides) of one table row."""
     yaml_path, _ = DATASETS[dataset]
     name = f"{dataset}-{fusion or 'single'}-{'+'.join(modalities)}"
     overrides = [
@@ -38,7 +36,20 @@ def run_one(dataset: str, fusion: str | None, modalities: tuple[str, ...]) -> di
     ]
     if fusion:
         overrides.append(f"model.fusion.name={fusion}")
-    config = config_lib.load([yaml_path], overrides)
+    return name, config_lib.load([yaml_path], overrides), overrides
+
+
+def row_fingerprint(yaml_path: str, overrides: list[str]) -> str:
+    """A row is re-run when its YAML or overrides change (new config fields with defaults do not)."""
+    return config_lib.fingerprint({"yaml": Path(yaml_path).read_text(), "overrides": overrides})
+
+
+def run_one(dataset: str, fusion: str | None, modalities: tuple[str, ...]) -> dict:
+    from multimodal_tf.evaluation import evaluate
+    from multimodal_tf.training import train
+
+    yaml_path, _ = DATASETS[dataset]
+    name, config, overrides = plan_row(dataset, fusion, modalities)
     start = time.perf_counter()
     run_dir = train(config, progress=False)
     seconds = time.perf_counter() - start
@@ -51,6 +62,7 @@ def run_one(dataset: str, fusion: str | None, modalities: tuple[str, ...]) -> di
         "test_accuracy": report["metrics"]["accuracy"],
         "macro_f1": report["metrics"]["macro_f1"],
         "train_seconds": round(seconds, 1),
+        "fingerprint": row_fingerprint(yaml_path, overrides),
         "command": f"mmtf train --config {yaml_path} "
         + " ".join(f"--set {o}" for o in overrides[:2] + overrides[3:]),
     }
@@ -83,7 +95,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     results_file = OUT / "results.json"
     rows = json.loads(results_file.read_text()) if results_file.exists() else []
-    done = {r["name"] for r in rows}
+    done = {r["name"]: r.get("fingerprint") for r in rows}
     for dataset, (_, modalities) in DATASETS.items():
         if args.only and dataset != args.only:
             continue
@@ -92,10 +104,10 @@ def main() -> None:
             plan[:0] + [(f, modalities) for f in fusions[:1]] + plan + [(f, modalities) for f in fusions[1:]]
         )
         for fusion, mods in plan:
-            name = f"{dataset}-{fusion or 'single'}-{'+'.join(mods)}"
-            if name in done:
+            name, _, overrides = plan_row(dataset, fusion, mods)
+            if done.get(name) == row_fingerprint(DATASETS[dataset][0], overrides):
                 continue
-            rows.append(run_one(dataset, fusion, mods))
+            rows = [r for r in rows if r["name"] != name] + [run_one(dataset, fusion, mods)]
             results_file.write_text(json.dumps(rows, indent=1))
             (OUT / "results.md").write_text(to_markdown(rows))
             print(to_markdown(rows), flush=True)
