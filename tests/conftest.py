@@ -45,3 +45,17 @@ def synth_manifest(tmp_path_factory) -> Path:
     from multimodal_tf.data.synthetic import synthesize
 
     return synthesize(tmp_path_factory.mktemp("synth"), num_examples=240, seed=1)
+
+
+def one_val_example_manifest(manifest: Path, out: Path) -> tuple[Path, str]:
+    """Copy of ``manifest`` whose val split is its first row only; returns (path, that row's id)."""
+    import csv
+
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    for index, row in enumerate(rows):
+        row["split"] = "val" if index == 0 else ("test" if row["split"] == "test" else "train")
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out, rows[0]["id"]

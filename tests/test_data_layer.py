@@ -14,7 +14,7 @@ from multimodal_tf.config import DataConfig, ExperimentConfig
 from multimodal_tf.data import convert, pipeline, validate
 from multimodal_tf.data.audio_io import encode_wav16, parse_wav
 from multimodal_tf.data.metadata import DatasetMetadata
-from tests.conftest import shared_manifest
+from tests.conftest import one_val_example_manifest, shared_manifest
 
 HEADER = ["id", "image", "text", "audio", "label", "split"]
 
@@ -155,15 +155,7 @@ def test_multi_worker_sharding_covers_all_files_without_empty_workers(num_files,
 
 def test_a_split_smaller_than_the_worker_count_feeds_every_worker(synth_manifest, tmp_path):
     """One val example, three input pipelines: no worker may be left without data."""
-    rows = list(csv.DictReader(open(synth_manifest, encoding="utf-8")))
-    val_rows = [r for r in rows if r["split"] == "val"] or [rows[0]]
-    for row in rows:
-        row["split"] = "val" if row is val_rows[0] else ("test" if row["split"] == "test" else "train")
-    manifest = synth_manifest.parent / "one_val.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest, val_id = one_val_example_manifest(synth_manifest, synth_manifest.parent / "one_val.csv")
     config = ExperimentConfig(
         data=DataConfig(manifest=str(manifest), tfrecord_dir=str(tmp_path / "t"), batch_size=6)
     )
@@ -176,7 +168,7 @@ def test_a_split_smaller_than_the_worker_count_feeds_every_worker(synth_manifest
             for _, _, batch in pipeline.make_dataset(config, "val", context, training=False, with_ids=True)
             for i in batch.numpy()
         ]
-        assert ids == [val_rows[0]["id"]], index
+        assert ids == [val_id], index
         # The train split (enough examples) is still sharded: disjoint parts.
     parts = [
         {

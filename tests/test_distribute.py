@@ -18,6 +18,7 @@ from multimodal_tf.data.text import vocabulary_size
 from multimodal_tf.models import build_model, loss_for
 from multimodal_tf.testing import TINY_OVERRIDES, tiny_config
 from multimodal_tf.training import LAST_WEIGHTS, load_trained_model, prepare_data, supervised_dataset
+from tests.conftest import one_val_example_manifest
 
 # Image only and 10 steps an epoch keep the multi-process runs short on two
 # busy cores (tracing dominates); distribution does not depend on modalities.
@@ -179,14 +180,7 @@ def test_two_worker_multi_worker_run_ends_with_identical_weights(multi_worker_ru
 @pytest.mark.slow
 def test_two_workers_finish_when_the_val_split_has_one_example(synth_manifest, tmp_path):
     """Fewer val examples than workers: no worker runs dry (that would hang the collectives)."""
-    rows = list(csv.DictReader(open(synth_manifest, encoding="utf-8")))
-    for index, row in enumerate(rows):
-        row["split"] = "val" if index == 0 else ("test" if row["split"] == "test" else "train")
-    manifest = synth_manifest.parent / "one_val_example.csv"
-    with open(manifest, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest, _ = one_val_example_manifest(synth_manifest, synth_manifest.parent / "one_val_example.csv")
     prepare_data(tiny_config(f"data.manifest={manifest}"), progress=False)
     run_dir = tmp_path / "run"
     command = train_command(manifest, run_dir, "train.epochs=1", "train.strategy=multi_worker")
