@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import time
@@ -141,7 +142,6 @@ class MultimodalHyperModel(kt.HyperModel):
         self.metadata = metadata
         self.space = space
         self.num_classes = config.model.num_classes or metadata.num_classes
-        self.epochs_trained = 0  # epochs run by this process's trials (budget accounting)
 
     def trial_config(self, hp) -> ExperimentConfig:
         values = {name: declare(hp, name, spec) for name, spec in self.space.items()}
@@ -186,12 +186,8 @@ class MultimodalHyperModel(kt.HyperModel):
                     monitor=config.train.monitor, patience=config.train.early_stopping_patience
                 )
             )
-        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: self._count_epoch()))
         kwargs.setdefault("epochs", config.train.epochs)
         return model.fit(train, validation_data=val, callbacks=callbacks, **kwargs)
-
-    def _count_epoch(self) -> None:
-        self.epochs_trained += 1
 
 
 def objective_for(monitor: str):
@@ -221,12 +217,42 @@ def make_tuner(
         "distribution_strategy": strategy,
     }
     if name == "random":
-        return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
+        return _counting(kt.RandomSearch)(hypermodel, max_trials=max_trials, **common)
     if name == "bayesian":
-        return kt.BayesianOptimization(hypermodel, max_trials=max_trials, **common)
+        return _counting(kt.BayesianOptimization)(hypermodel, max_trials=max_trials, **common)
     if name == "hyperband":
-        return kt.Hyperband(hypermodel, max_epochs=config.train.epochs, factor=3, **common)
+        return _counting(kt.Hyperband)(hypermodel, max_epochs=config.train.epochs, factor=3, **common)
     raise ValueError(f"unknown tuner {name!r}; known: {', '.join(TUNERS)}")
+
+
+EPOCHS_FILE = "epochs.json"
+
+
+def _counting(tuner_class):
+    """``tuner_class`` that records each trial's trained epochs in its trial directory.
+
+    keras-tuner keeps only the best epoch's metrics, so the epochs a trial
+    actually ran (after early stopping) would be lost; comparing tuners at
+    the same epoch budget needs them, also for trials of a resumed search.
+    """
+
+    class Counting(tuner_class):
+        def run_trial(self, trial, *args, **kwargs):
+            histories = super().run_trial(trial, *args, **kwargs)
+            runs = histories if isinstance(histories, list) else [histories]
+            epochs = sum(len(getattr(run, "epoch", [])) for run in runs)
+            path = Path(self.get_trial_dir(trial.trial_id)) / EPOCHS_FILE
+            path.write_text(json.dumps({"epochs": epochs}), encoding="utf-8")
+            return histories
+
+    Counting.__name__ = Counting.__qualname__ = tuner_class.__name__
+    return Counting
+
+
+def trial_epochs(tuner, trial_id: str) -> int | None:
+    """Epochs a finished trial trained (None: not recorded, e.g. it failed)."""
+    path = Path(tuner.project_dir) / f"trial_{trial_id}" / EPOCHS_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["epochs"] if path.exists() else None
 
 
 def _serve_as_chief(tuner) -> None:
@@ -269,7 +295,7 @@ class TuneResult:
     num_trials: int = 0
     run_dir: Path | None = None
     export_path: Path | None = None
-    epochs_trained: int = 0  # by this process's trials (a resumed search counts only its own)
+    epochs_trained: int = 0  # by all the search's trials, resumed ones included (budget accounting)
 
 
 def trial_rows(tuner) -> list[dict]:
@@ -285,6 +311,8 @@ def trial_rows(tuner) -> list[dict]:
                 "status": trial.status,
                 "score": trial.score,
                 "best_epoch": trial.best_step + 1 if trial.score is not None else None,
+                # A Hyperband trial that resumes a parent counts only its own.
+                "epochs": trial_epochs(tuner, trial_id),
                 **trial.hyperparameters.values,
             }
         )
@@ -337,7 +365,7 @@ def write_reports(tuner, hypermodel: MultimodalHyperModel, out_dir: Path) -> Tun
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     (out_dir / "trials.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot_objective(rows, objective, out_dir / "objective.png")
-    result = TuneResult("single", out_dir, num_trials=len(rows))
+    result = TuneResult("single", out_dir, num_trials=len(rows), epochs_trained=sum(r["epochs"] or 0 for r in rows))
     best_trials = tuner.oracle.get_best_trials(1)
     if best_trials:
         best = apply_values(hypermodel.config, hypermodel.space, best_trials[0].hyperparameters.values)
@@ -380,7 +408,6 @@ def tune(
         return TuneResult(role, project_dir)
     result = write_reports(tuner, hypermodel, project_dir)
     result.role = role
-    result.epochs_trained = hypermodel.epochs_trained
     if export_best:
         from multimodal_tf.export import export_run  # noqa: PLC0415
 

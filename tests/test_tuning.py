@@ -97,6 +97,7 @@ def test_random_search_writes_sorted_reports_and_resumes(synth_manifest, tmp_pat
     result = tuning.tune(config, "random", max_trials=3, directory=tmp_path, progress=False)
     assert result.num_trials == 3
     assert result.epochs_trained == 3  # one epoch per trial (train.epochs=1): the budget is counted
+    assert [int(r["epochs"]) for r in read_trials(result.project_dir)] == [1, 1, 1]
     rows = read_trials(result.project_dir)
     assert [r["status"] for r in rows] == ["COMPLETED"] * 3
     scores = [float(r["score"]) for r in rows]
@@ -109,7 +110,7 @@ def test_random_search_writes_sorted_reports_and_resumes(synth_manifest, tmp_pat
 
     again = tuning.tune(config, "random", max_trials=4, directory=tmp_path, progress=False)
     assert again.num_trials == 4  # the first three were reloaded, not re-run
-    assert again.epochs_trained == 1
+    assert again.epochs_trained == 4  # the resumed search counts the reloaded trials' epochs too
     old = {r["trial"]: r["score"] for r in rows}
     assert {r["trial"]: r["score"] for r in read_trials(again.project_dir) if r["trial"] in old} == old
 
