@@ -365,7 +365,9 @@ def write_reports(tuner, hypermodel: MultimodalHyperModel, out_dir: Path) -> Tun
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     (out_dir / "trials.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot_objective(rows, objective, out_dir / "objective.png")
-    result = TuneResult("single", out_dir, num_trials=len(rows), epochs_trained=sum(r["epochs"] or 0 for r in rows))
+    result = TuneResult(
+        "single", out_dir, num_trials=len(rows), epochs_trained=sum(r["epochs"] or 0 for r in rows)
+    )
     best_trials = tuner.oracle.get_best_trials(1)
     if best_trials:
         best = apply_values(hypermodel.config, hypermodel.space, best_trials[0].hyperparameters.values)
