@@ -120,6 +120,17 @@ def modality_ablation(model, config, metadata, split: str) -> list[dict]:
     return rows
 
 
+def _comparison_row(run_dir, config, metrics: dict) -> dict:
+    """One row of the report's "fused vs other runs" table."""
+    return {
+        "run": str(run_dir),
+        "modalities": list(config.model.modalities),
+        "fusion": config.model.fusion.name,
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+    }
+
+
 def evaluate(
     run_dir: str | Path, split: str = "test", compare: tuple[str, ...] = (), ablation: bool = True
 ) -> dict:
@@ -144,28 +155,12 @@ def evaluate(
     }
     if ablation:
         report["ablation"] = modality_ablation(model, config, metadata, split)
-    report["comparison"] = [
-        {
-            "run": str(run_dir),
-            "modalities": list(config.model.modalities),
-            "fusion": config.model.fusion.name,
-            "accuracy": report["metrics"]["accuracy"],
-            "macro_f1": report["metrics"]["macro_f1"],
-        }
-    ]
+    report["comparison"] = [_comparison_row(run_dir, config, report["metrics"])]
     for other in compare:
         other_config, other_metadata, other_model = load_trained_model(other)
         p, y, _ = predict_split(other_model, other_config, other_metadata, split)
-        m = classification_metrics(p, y, other_metadata.label_names)
-        report["comparison"].append(
-            {
-                "run": str(other),
-                "modalities": list(other_config.model.modalities),
-                "fusion": other_config.model.fusion.name,
-                "accuracy": m["accuracy"],
-                "macro_f1": m["macro_f1"],
-            }
-        )
+        metrics = classification_metrics(p, y, other_metadata.label_names)
+        report["comparison"].append(_comparison_row(other, other_config, metrics))
     with open(out_dir / "predictions.csv", "w", encoding="utf-8") as f:
         f.write("id,label,predicted," + ",".join(f"p_{i}" for i in range(probabilities.shape[1])) + "\n")
         for i, y, p in zip(ids, labels, probabilities, strict=False):

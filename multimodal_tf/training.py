@@ -250,6 +250,7 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
     if config.train.mixed_precision:
         keras.mixed_precision.set_global_policy(config.train.mixed_precision)
     num_classes = config.model.num_classes or metadata.num_classes
+    vocab_size = vocabulary_size(config.data.text, metadata.vocabulary)
     if chief:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, run_dir / CONFIG_FILE)
@@ -264,7 +265,7 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
             f"{batch_size} ({batch_size // max(1, strategy.num_replicas_in_sync)} per replica)"
         )
     with strategy.scope():
-        model = build_model(config, num_classes, vocabulary_size(config.data.text, metadata.vocabulary))
+        model = build_model(config, num_classes, vocab_size)
         model.compile(
             optimizer=make_optimizer(config, steps_per_epoch, strategy.num_replicas_in_sync),
             loss=loss_for(config),
@@ -292,9 +293,7 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
         **fit_steps,
     )
     if distribute.needs_repeated_input(strategy):
-        model = _local_copy(
-            model, config, num_classes, vocabulary_size(config.data.text, metadata.vocabulary)
-        )
+        model = _local_copy(model, config, num_classes, vocab_size)
     if chief:
         values = {k: [float(v) for v in vs] for k, vs in history.history.items()}
         (run_dir / "history.json").write_text(json.dumps(values, indent=1))

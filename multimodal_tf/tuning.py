@@ -251,7 +251,7 @@ def _counting(tuner_class):
 
 def trial_epochs(tuner, trial_id: str) -> int | None:
     """Epochs a finished trial trained (None: not recorded, e.g. it failed)."""
-    path = Path(tuner.project_dir) / f"trial_{trial_id}" / EPOCHS_FILE
+    path = Path(tuner.get_trial_dir(trial_id)) / EPOCHS_FILE
     return json.loads(path.read_text(encoding="utf-8"))["epochs"] if path.exists() else None
 
 

@@ -100,9 +100,7 @@ def main() -> None:
         if args.only and dataset != args.only:
             continue
         plan = [(None, (m,)) for m in modalities] if not args.no_unimodal else []
-        plan = (
-            plan[:0] + [(f, modalities) for f in fusions[:1]] + plan + [(f, modalities) for f in fusions[1:]]
-        )
+        plan = [(f, modalities) for f in fusions[:1]] + plan + [(f, modalities) for f in fusions[1:]]
         for fusion, mods in plan:
             name, _, overrides = plan_row(dataset, fusion, mods)
             if done.get(name) == row_fingerprint(DATASETS[dataset][0], overrides):
