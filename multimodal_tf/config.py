@@ -107,6 +107,7 @@ class EncoderConfig:
     embedding_dim: int = 32  # text only
     bidirectional: bool = False  # recurrent encoders only
     augment: bool = False  # image/cnn only: random flips, shifts, zooms while training
+    linear: bool = False  # text/bow only: fastText's mean embedding, no max pool or projection
     checkpoint: str = ""  # local pretrained weights (never downloaded)
 
 

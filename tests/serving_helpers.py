@@ -1,8 +1,10 @@
 """Test SavedModels with the export contract's signatures, and test inputs.
 
-``make_test_savedmodel`` builds a real SavedModel (real preprocessing ops, a
-tiny tf_keras model, tf.saved_model.save, the classify method_name rewrite and
-a warmup file), so the server is tested on what it will serve in production.
+``make_test_savedmodel`` builds a real SavedModel: a tiny tf_keras model
+(seconds to trace, unlike ``build_model``'s) inside the exporter's own
+``ServingModule``, so its signatures, preprocessing and classify method_name
+are exactly what ``mmtf export`` writes; plus a warmup file. The server is
+tested on what it will serve in production.
 A build is cached per process and copied for further versions.
 """
 
@@ -18,13 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import MODALITIES, AudioConfig, DataConfig, ImageConfig, TextConfig
 from multimodal_tf.data import features
 from multimodal_tf.data.preprocessing import Preprocessor
+from multimodal_tf.export import CLASSIFY_METHOD, ServingModule, set_method_name
 
 CLASS_NAMES = ("cat", "dog", "bird")
 VOCABULARY = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "cat", "dog", "bird", "sky")
@@ -125,75 +127,6 @@ def _tiny_model(data: DataConfig, modalities: Sequence[str], seed: int) -> keras
     return keras.Model(inputs, outputs, name="tiny")
 
 
-class _ServingModule(tf.Module):
-    def __init__(self, preprocessor: Preprocessor, model: keras.Model):
-        super().__init__()
-        self.preprocessor = preprocessor
-        self.model = model
-        self.class_names = tf.constant(CLASS_NAMES)
-        self.modalities = preprocessor.modalities
-
-    def predict_from_features(self, model_features):
-        probabilities = self.model(model_features, training=False)
-        class_id = tf.argmax(probabilities, axis=-1)
-        outputs = {
-            "probabilities": probabilities,
-            "class_id": class_id,
-            "class_name": tf.gather(self.class_names, class_id),
-        }
-        for modality in self.modalities:
-            name = features.presence_name(modality)
-            outputs[name] = model_features[name]
-        return outputs
-
-    def predict_raw(self, raw):
-        return self.predict_from_features(self.preprocessor(raw))
-
-    def classify(self, serialized):
-        probabilities = self.predict_raw(self.preprocessor.parse_examples(serialized))["probabilities"]
-        batch_size = tf.shape(probabilities)[0]
-        classes = tf.tile(self.class_names[None, :], [batch_size, 1])
-        return {"classes": classes, "scores": probabilities}
-
-
-def _signatures(module: _ServingModule, data: DataConfig) -> dict:
-    raw_specs = [tf.TensorSpec([None], tf.string, name=m) for m in module.modalities]
-
-    @tf.function(input_signature=raw_specs)
-    def serve(*raw):
-        return module.predict_raw(dict(zip(module.modalities, raw, strict=False)))
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
-    def classify(inputs):
-        return module.classify(inputs)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
-    def predict_examples(examples):
-        return module.predict_raw(module.preprocessor.parse_examples(examples))
-
-    feature_specs = features.model_feature_specs(data, module.modalities)
-
-    @tf.function(input_signature=[feature_specs])
-    def predict_features(model_features):
-        return module.predict_from_features(model_features)
-
-    return {
-        "serving_default": serve.get_concrete_function(),
-        "classify": classify.get_concrete_function(),
-        "predict_examples": predict_examples.get_concrete_function(),
-        "predict_features": predict_features.get_concrete_function(),
-    }
-
-
-def rewrite_method_name(export_dir: str | Path, signature_name: str, method_name: str) -> None:
-    """Sets a signature's ``method_name`` in saved_model.pb (TF2 always writes predict)."""
-    path = Path(export_dir) / "saved_model.pb"
-    saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
-    for meta_graph in saved_model.meta_graphs:
-        meta_graph.signature_def[signature_name].method_name = method_name
-    path.write_bytes(saved_model.SerializeToString())
-
-
 def write_warmup(export_dir: str | Path, model_name: str, modalities: Sequence[str]) -> None:
     """assets.extra/tf_serving_warmup_requests: one Predict request of batch 2."""
     inputs = make_inputs(2, seed=7)
@@ -210,11 +143,13 @@ def write_warmup(export_dir: str | Path, model_name: str, modalities: Sequence[s
 
 
 @functools.cache
-def _module(modalities: tuple[str, ...]) -> tuple[_ServingModule, dict]:
+def _module(modalities: tuple[str, ...]) -> tuple[ServingModule, dict]:
     """The module and its traced signatures; tracing is the slow part, so it is done once."""
     preprocessor = Preprocessor(TINY_DATA, VOCABULARY, modalities)
-    module = _ServingModule(preprocessor, _tiny_model(TINY_DATA, preprocessor.modalities, seed=0))
-    return module, _signatures(module, TINY_DATA)
+    specs = features.model_feature_specs(TINY_DATA, preprocessor.modalities)
+    model = _tiny_model(TINY_DATA, preprocessor.modalities, seed=0)
+    module = ServingModule(model, preprocessor, CLASS_NAMES, "multiclass", specs)
+    return module, module.signatures(specs)
 
 
 @functools.cache
@@ -227,7 +162,7 @@ def _build(seed: int, modalities: tuple[str, ...], model_name: str) -> Path:
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     export_dir = Path(root) / "model"
     tf.saved_model.save(module, str(export_dir), signatures=signatures)
-    rewrite_method_name(export_dir, "classify", "tensorflow/serving/classify")
+    set_method_name(export_dir, "classify", CLASSIFY_METHOD)
     write_warmup(export_dir, model_name, module.modalities)
     return export_dir
 

@@ -16,6 +16,7 @@ CONFIGS = {
     "image/cnn": EncoderConfig(name="image/cnn", width=8, depth=2, output_dim=16),
     "text/lstm": EncoderConfig(name="text/lstm", width=8, depth=1, output_dim=16, embedding_dim=8),
     "text/bow": EncoderConfig(name="text/bow", output_dim=16, embedding_dim=8),
+    "text/bow linear": EncoderConfig(name="text/bow", embedding_dim=16, linear=True),
     "audio/cnn": EncoderConfig(name="audio/cnn", width=8, depth=2, output_dim=16),
     "audio/lstm": EncoderConfig(name="audio/lstm", width=8, depth=1, output_dim=16),
 }
@@ -94,6 +95,20 @@ def test_text_padding_is_masked():
     np.testing.assert_allclose(padded, unpadded, atol=1e-6)
 
 
+def test_linear_bow_is_the_masked_mean_embedding():
+    """fastText's representation: the mean of the present tokens' embeddings, nothing else."""
+    encoder = make_encoder("text/bow linear")
+    tokens = make_input("text/bow linear").numpy()
+    tokens[2] = 0  # absent text
+    output = encoder(tf.constant(tokens), training=False).numpy()
+    table = encoder.embedding.get_weights()[0]
+    for row, ids in zip(output, tokens):
+        present = ids[ids != 0]
+        expected = table[present].mean(axis=0) if len(present) else np.zeros(16)
+        np.testing.assert_allclose(row, expected, atol=1e-6)
+    assert encoder.projection is None and encoder.output_dim == 16
+
+
 def test_audio_encoders_ignore_recording_level():
     """Per-clip normalisation: a constant offset of the log-mel map changes nothing."""
     for name in ("audio/cnn", "audio/lstm"):
@@ -144,6 +159,11 @@ FIT_OVERRIDES = {
     "image/cnn": ("model.modalities=[image]",),
     "text/lstm": ("model.modalities=[text]", "model.text_encoder.depth=1"),
     "text/bow": ("model.modalities=[text]", "model.text_encoder.name=text/bow"),
+    "text/bow linear": (
+        "model.modalities=[text]",
+        "model.text_encoder.name=text/bow",
+        "model.text_encoder.linear=true",
+    ),
     "audio/cnn": ("model.modalities=[audio]", "model.audio_encoder.name=audio/cnn"),
     "audio/lstm": (
         "model.modalities=[audio]",

