@@ -102,7 +102,7 @@ def test_linear_bow_is_the_masked_mean_embedding():
     tokens[2] = 0  # absent text
     output = encoder(tf.constant(tokens), training=False).numpy()
     table = encoder.embedding.get_weights()[0]
-    for row, ids in zip(output, tokens):
+    for row, ids in zip(output, tokens, strict=True):
         present = ids[ids != 0]
         expected = table[present].mean(axis=0) if len(present) else np.zeros(16)
         np.testing.assert_allclose(row, expected, atol=1e-6)
