@@ -107,6 +107,8 @@ def test_linear_bow_is_the_masked_mean_embedding():
         expected = table[present].mean(axis=0) if len(present) else np.zeros(16)
         np.testing.assert_allclose(row, expected, atol=1e-6)
     assert encoder.projection is None and encoder.output_dim == 16
+    restored = type(encoder).from_config(encoder.get_config())
+    assert restored.linear and restored.projection is None
 
 
 def test_audio_encoders_ignore_recording_level():

@@ -110,7 +110,6 @@ class TextLSTMEncoder(keras.layers.Layer):
                 "bidirectional": self.bidirectional,
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
-                "linear": self.linear,
             }
         )
         return config
