@@ -70,17 +70,13 @@ def _start_server(base_path: Path, name: str, batching: Path | None, log_path: P
 
 def _manifest_inputs(manifest: str) -> dict[str, list[bytes]]:
     """One example's raw inputs (file bytes, UTF-8 text) from a manifest's first test row."""
-    import csv
+    from multimodal_tf.config import DataConfig
+    from multimodal_tf.data.manifest import read_manifest
+    from multimodal_tf.serving.client import raw_inputs
 
-    with open(manifest, newline="") as f:
-        rows = list(csv.DictReader(f))
-    row = next((r for r in rows if r.get("split") == "test"), rows[0])
-    root = Path(manifest).parent
-    return {
-        "image": [(root / row["image"]).read_bytes() if row.get("image") else b""],
-        "text": [row.get("text", "").encode()],
-        "audio": [(root / row["audio"]).read_bytes() if row.get("audio") else b""],
-    }
+    records = read_manifest(manifest, DataConfig()).records
+    record = next((r for r in records if r.split == "test"), records[0])
+    return raw_inputs(images=[record.image], texts=[record.text], audios=[record.audio])
 
 
 def _percentiles(seconds: list[float]) -> tuple[float, float]:
