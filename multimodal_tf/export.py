@@ -41,6 +41,7 @@ class ServingModule(tf.Module):
         preprocessor: the training pipeline's preprocessor.
         label_names: class names, index = class id.
         head_type: ``multiclass``, ``binary`` or ``multilabel``.
+        feature_specs: the model's preprocessed inputs (``predict_features``).
     """
 
     def __init__(self, model, preprocessor: Preprocessor, label_names, head_type: str, feature_specs: dict):
@@ -51,6 +52,7 @@ class ServingModule(tf.Module):
         self.predict_probabilities = tf.function(
             lambda model_features: model(model_features, training=False), input_signature=[feature_specs]
         )
+        self.feature_specs = feature_specs
         self.preprocessor = preprocessor
         self.label_names = tf.constant(list(label_names))
         self.head_type = head_type
@@ -90,14 +92,19 @@ class ServingModule(tf.Module):
         classes = tf.tile(self.label_names[None, :], [tf.shape(scores)[0], 1])
         return {"classes": classes, "scores": scores}
 
-    def signatures(self, feature_specs: dict) -> dict:
+    def signatures(self) -> dict:
         string = lambda name: tf.TensorSpec([None], tf.string, name=name)  # noqa: E731
         return {
             "serving_default": self.serve_raw.get_concrete_function({m: string(m) for m in self.modalities}),
             "predict_examples": self.serve_examples.get_concrete_function(string("examples")),
             "classify": self.classify.get_concrete_function(string("inputs")),
-            "predict_features": self.serve_features.get_concrete_function(feature_specs),
+            "predict_features": self.serve_features.get_concrete_function(self.feature_specs),
         }
+
+    def save(self, directory: str | Path) -> None:
+        """Writes the SavedModel with its signatures, ``classify`` marked for TF Serving's Classify."""
+        tf.saved_model.save(self, str(directory), signatures=self.signatures())
+        set_method_name(directory, "classify", CLASSIFY_METHOD)
 
 
 def allowed_ops() -> set[str]:
@@ -207,8 +214,7 @@ def export_run(
     # TF Serving ignores non-numeric folders, so a half-written export is invisible.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:
-        tf.saved_model.save(module, str(tmp), signatures=module.signatures(specs))
-        set_method_name(tmp, "classify", CLASSIFY_METHOD)
+        module.save(tmp)
         check_ops(tmp)
         extra = tmp / "assets.extra"
         extra.mkdir(exist_ok=True)

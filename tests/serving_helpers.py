@@ -26,7 +26,7 @@ from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import MODALITIES, AudioConfig, DataConfig, ImageConfig, TextConfig
 from multimodal_tf.data import features
 from multimodal_tf.data.preprocessing import Preprocessor
-from multimodal_tf.export import CLASSIFY_METHOD, ServingModule, set_method_name
+from multimodal_tf.export import ServingModule
 
 CLASS_NAMES = ("cat", "dog", "bird")
 VOCABULARY = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "cat", "dog", "bird", "sky")
@@ -143,26 +143,24 @@ def write_warmup(export_dir: str | Path, model_name: str, modalities: Sequence[s
 
 
 @functools.cache
-def _module(modalities: tuple[str, ...]) -> tuple[ServingModule, dict]:
-    """The module and its traced signatures; tracing is the slow part, so it is done once."""
+def _module(modalities: tuple[str, ...]) -> ServingModule:
+    """The module; tracing its signatures is the slow part, so it is built once per process."""
     preprocessor = Preprocessor(TINY_DATA, VOCABULARY, modalities)
     specs = features.model_feature_specs(TINY_DATA, preprocessor.modalities)
     model = _tiny_model(TINY_DATA, preprocessor.modalities, seed=0)
-    module = ServingModule(model, preprocessor, CLASS_NAMES, "multiclass", specs)
-    return module, module.signatures(specs)
+    return ServingModule(model, preprocessor, CLASS_NAMES, "multiclass", specs)
 
 
 @functools.cache
 def _build(seed: int, modalities: tuple[str, ...], model_name: str) -> Path:
-    module, signatures = _module(modalities)
+    module = _module(modalities)
     rng = np.random.default_rng(seed)
     for weight in module.model.weights:  # same graph, weights drawn from this seed
         weight.assign(rng.uniform(-0.8, 0.8, weight.shape).astype(weight.dtype.as_numpy_dtype))
     root = tempfile.mkdtemp(prefix="mmtf_test_savedmodel_")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     export_dir = Path(root) / "model"
-    tf.saved_model.save(module, str(export_dir), signatures=signatures)
-    set_method_name(export_dir, "classify", CLASSIFY_METHOD)
+    module.save(export_dir)
     write_warmup(export_dir, model_name, module.modalities)
     return export_dir
 
