@@ -164,6 +164,9 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine | constant | plateau
     optimizer: str = "adam"  # adam | adamw | sgd
     weight_decay: float = 0.0
+    # Polyak averaging of the weights (0 = off): validation, checkpoints and
+    # the final model use the average, which varies less between epochs.
+    ema_momentum: float = 0.0
     early_stopping_patience: int = 5  # 0 disables early stopping
     monitor: str = "val_accuracy"
     class_weights: str = "none"  # none | balanced

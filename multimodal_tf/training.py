@@ -86,12 +86,15 @@ def make_optimizer(config: ExperimentConfig, steps_per_epoch: int, num_replicas:
         )
     elif train.lr_schedule not in ("constant", "plateau"):
         raise ValueError(f"train.lr_schedule must be cosine, constant or plateau; got {train.lr_schedule!r}")
+    if not 0.0 <= train.ema_momentum < 1.0:
+        raise ValueError(f"train.ema_momentum must be in [0, 1); got {train.ema_momentum}")
+    ema = {"use_ema": train.ema_momentum > 0, "ema_momentum": train.ema_momentum or 0.99}
     if train.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, **ema)
     if train.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=train.weight_decay)
+        return keras.optimizers.AdamW(learning_rate, weight_decay=train.weight_decay, **ema)
     if train.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9)
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, **ema)
     raise ValueError(f"train.optimizer must be adam, adamw or sgd; got {train.optimizer!r}")
 
 
@@ -130,6 +133,44 @@ class Throughput(keras.callbacks.Callback):
             print(f"epoch {epoch + 1}: {rate:,.0f} examples/s")
 
 
+class SwapEMAWeights(keras.callbacks.Callback):
+    """Puts the optimizer's moving-average weights in the model between epochs.
+
+    The optimizer keeps the average (``use_ema``) but Keras 2 only copies it
+    into the model when ``fit`` ends, so validation, best-checkpoint choice
+    and early stopping would judge the raw weights. This callback swaps the
+    average in before validation and keeps it there through ``on_epoch_end``
+    (it must come before the checkpoint and early-stopping callbacks), then
+    puts the raw weights back before the next epoch trains. A run resumed by
+    ``BackupAndRestore`` restarts from the averaged weights.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._raw = None
+
+    def _swap_in(self):
+        if self._raw is None:
+            variables = self.model.trainable_variables
+            self._raw = [tf.identity(v) for v in variables]
+            self.model.optimizer.finalize_variable_values(variables)  # public API: assigns the average
+
+    def on_test_begin(self, logs=None):
+        self._swap_in()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._swap_in()  # also without validation data
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._raw is not None:
+            for variable, value in zip(self.model.trainable_variables, self._raw, strict=True):
+                variable.assign(value)
+            self._raw = None
+
+    def on_train_end(self, logs=None):
+        self._raw = None  # fit already left the average (or the restored best) in place
+
+
 def make_callbacks(
     config: ExperimentConfig, run_dir: Path, batch_size: int, chief: bool, steps_per_epoch: int | None = None
 ):
@@ -138,7 +179,8 @@ def make_callbacks(
     # collectives) but write into a throwaway folder.
     out = run_dir if chief else Path(run_dir) / f".worker_tmp_{distribute.task_info()[1]}"
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    callbacks = [
+    callbacks = [SwapEMAWeights()] if train.ema_momentum > 0 else []
+    callbacks += [
         Throughput(batch_size, verbose=train.verbose if chief else 0, steps_per_epoch=steps_per_epoch),
         keras.callbacks.ModelCheckpoint(
             str(out / BEST_WEIGHTS), monitor=train.monitor, save_best_only=True, save_weights_only=True

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from multimodal_tf import cli
+from multimodal_tf.compat import keras
 from multimodal_tf.testing import tiny_config
-from multimodal_tf.training import train
+from multimodal_tf.training import SwapEMAWeights, make_optimizer, train
 from tests.conftest import shared_manifest
 
 
@@ -82,7 +83,10 @@ def test_same_seed_gives_the_same_metrics(synth_manifest, tmp_path):
 
 def test_mirrored_strategy_over_two_logical_cpus_trains(synth_manifest, tmp_path):
     config = tiny_config(
-        f"data.manifest={synth_manifest}", f"train.output_dir={tmp_path}", "train.strategy=mirrored"
+        f"data.manifest={synth_manifest}",
+        f"train.output_dir={tmp_path}",
+        "train.strategy=mirrored",
+        "train.ema_momentum=0.9",  # swapping averaged weights in and out of mirrored variables
     )
     run = train(config, progress=False)
     assert np.isfinite(json.loads((run / "history.json").read_text())["loss"]).all()
@@ -116,3 +120,69 @@ def test_small_model_learns_real_avmnist_well_above_chance(tmp_path):
     run = train(config, progress=False)
     test_accuracy = json.loads((run / "metrics.json").read_text())["test"]["accuracy"]
     assert test_accuracy > 0.5, test_accuracy  # chance is 0.1
+
+
+def _fit_with_ema(swap: bool):
+    """Tiny dense model, 3 epochs with the optimizer's weight averaging."""
+    keras.utils.set_random_seed(0)
+    x = np.random.RandomState(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("float32")
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    config = tiny_config("train.ema_momentum=0.9", "train.lr_schedule=constant", "train.learning_rate=0.05")
+    model.compile(make_optimizer(config, steps_per_epoch=4), "binary_crossentropy")
+    at_epoch_end = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            optimizer = self.model.optimizer
+            at_epoch_end.append(
+                [
+                    (
+                        v.numpy(),
+                        optimizer._model_variables_moving_average[
+                            optimizer._index_dict[optimizer._var_key(v)]
+                        ].numpy(),
+                    )
+                    for v in self.model.trainable_variables
+                ]
+            )
+
+    history = model.fit(
+        x,
+        y,
+        validation_data=(x, y),
+        epochs=3,
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
+        callbacks=([SwapEMAWeights()] if swap else []) + [Probe()],
+    )
+    return model, history.history, at_epoch_end, model.evaluate(x, y, verbose=0)
+
+
+def test_ema_weights_are_validated_and_checkpointed_while_training_continues_from_raw_weights():
+    swapped, history, at_epoch_end, final_loss = _fit_with_ema(swap=True)
+    plain, plain_history, plain_epoch_end, plain_final_loss = _fit_with_ema(swap=False)
+    for epoch in at_epoch_end:  # what checkpoints and early stopping see is the average
+        for value, average in epoch:
+            np.testing.assert_allclose(value, average, rtol=1e-6)
+    assert any(not np.allclose(v, a) for epoch in plain_epoch_end for v, a in epoch)
+    # The raw weights went back before each epoch trained: the same trajectory,
+    # so both runs end on the same average (fit copies it in at the end).
+    for a, b in zip(swapped.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(history["loss"], plain_history["loss"], rtol=1e-5)
+    # Validation judged the averaged weights, the very ones the model ends with.
+    assert history["val_loss"][-1] == pytest.approx(final_loss, rel=1e-5)
+    assert plain_history["val_loss"][-1] != pytest.approx(plain_final_loss, rel=1e-3)
+
+
+def test_ema_momentum_out_of_range_is_a_config_error():
+    with pytest.raises(ValueError, match="ema_momentum"):
+        make_optimizer(tiny_config("train.ema_momentum=1.0"), steps_per_epoch=1)
