@@ -88,7 +88,7 @@ def make_optimizer(config: ExperimentConfig, steps_per_epoch: int, num_replicas:
         raise ValueError(f"train.lr_schedule must be cosine, constant or plateau; got {train.lr_schedule!r}")
     if not 0.0 <= train.ema_momentum < 1.0:
         raise ValueError(f"train.ema_momentum must be in [0, 1); got {train.ema_momentum}")
-    ema = {"use_ema": train.ema_momentum > 0, "ema_momentum": train.ema_momentum or 0.99}
+    ema = {"use_ema": train.ema_momentum > 0, "ema_momentum": train.ema_momentum}
     if train.optimizer == "adam":
         return keras.optimizers.Adam(learning_rate, **ema)
     if train.optimizer == "adamw":
