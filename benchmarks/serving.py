@@ -260,14 +260,14 @@ def _run(args, helpers, base_path: Path, name: str, plain: _Server, batched: _Se
         p50, p99 = _percentiles(_time_calls(call, args.latency_requests))
         baseline = baseline or p50
         grpc_p50 = p50 if "gRPC" in label else grpc_p50
-        print(f"  {label:<32}{p50:>8.2f}{p99:>8.2f}{p50 / baseline:>19.1f}x")
+        print(f"  {label:<32}{p50:>8.2f}{p99:>8.2f}{p50 / baseline:>19.2f}x")
     # A server's model sits idle while each request travels; a tight loop keeps
     # TF's thread pools spinning and caches hot. The same call with that idle
     # time in between shows how much of the gRPC gap is the pause, not gRPC.
     idle = max(grpc_p50 - baseline, 0.0) / 1000
     p50, p99 = _percentiles(_time_calls(rows[0][1], args.latency_requests, idle=idle))
     label = f"in-process, {idle * 1000:.1f} ms idle between"
-    print(f"  {label:<32}{p50:>8.2f}{p99:>8.2f}{p50 / baseline:>19.1f}x")
+    print(f"  {label:<32}{p50:>8.2f}{p99:>8.2f}{p50 / baseline:>19.2f}x")
     client.close()
     connection.close()
 

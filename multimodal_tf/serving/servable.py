@@ -119,11 +119,11 @@ class Servable:
         function = self._functions.get(name)
         if function is None:
             raise not_found(f'Serving signature key "{name}" has no callable function')
-        feeds = {
-            key: tf.convert_to_tensor(value, dtype=tf.dtypes.as_dtype(signature.inputs[key].dtype))
-            for key, value in inputs.items()
-        }
         try:
+            feeds = {
+                key: tensors.to_tensor(value, tf.dtypes.as_dtype(signature.inputs[key].dtype))
+                for key, value in inputs.items()
+            }
             outputs = function(**feeds)
         except tf.errors.OpError as e:
             raise from_tf_error(e) from None

@@ -67,7 +67,7 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str, max_elements: int) -> n
     dims = [d.size for d in proto.tensor_shape.dim]
     if any(d < 0 for d in dims):
         raise invalid_argument(f"input '{name}': negative dimension in shape {dims}")
-    num_elements = int(np.prod(dims, dtype=np.float64)) if dims else 1
+    num_elements = math.prod(dims)  # Python ints: exact, no overflow (np.prod is also ~10x slower)
     if num_elements > max_elements:
         raise invalid_argument(
             f"input '{name}': shape {dims} has {num_elements} elements; the limit is {max_elements}"
@@ -104,6 +104,13 @@ def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
             )
         return np.frombuffer(proto.tensor_content, dtype).reshape(dims)
     return tf.make_ndarray(proto)
+
+
+def to_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
+    """numpy -> eager tensor of ``dtype``; strings through a list (about half the cost of an object array)."""
+    if dtype == tf.string and value.dtype == object and value.ndim == 1 and value.size:
+        return tf.constant(value.tolist(), dtype=tf.string)
+    return tf.convert_to_tensor(value, dtype=dtype)
 
 
 def to_proto(value) -> tensor_pb2.TensorProto:
