@@ -10,12 +10,16 @@ from pathlib import Path
 def _config(args, extra_overrides=()):
     from multimodal_tf import config as config_lib
 
-    paths = [args.config] if getattr(args, "config", None) else []
+    paths = getattr(args, "config", None) or []
     return config_lib.load(paths, list(extra_overrides) + list(getattr(args, "set", None) or []))
 
 
 def _add_config_args(parser):
-    parser.add_argument("--config", help="experiment YAML (see pipelines/)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="experiment YAML (see pipelines/); repeat to layer files, later ones win",
+    )
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
 
 

@@ -152,6 +152,10 @@ class ModelConfig:
     head: HeadConfig = HeadConfig()
     modality_dropout: ModalityDropoutConfig = ModalityDropoutConfig()
     num_classes: int = 0  # 0: taken from the dataset metadata
+    # Members of a deep ensemble (1 = a single model): independently
+    # initialised copies of the whole model, each trained on its own loss,
+    # whose probabilities are averaged (models.EnsembleModel).
+    ensemble_size: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

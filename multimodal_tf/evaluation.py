@@ -11,6 +11,7 @@ from sklearn import metrics as skm
 from multimodal_tf.compat import tf
 from multimodal_tf.data import features
 from multimodal_tf.data.pipeline import make_dataset
+from multimodal_tf.models import EnsembleModel
 from multimodal_tf.training import load_trained_model
 
 
@@ -120,6 +121,16 @@ def modality_ablation(model, config, metadata, split: str) -> list[dict]:
     return rows
 
 
+def ensemble_members(model: EnsembleModel, config, metadata, split: str) -> list[dict]:
+    """Accuracy and log loss of each ensemble member alone: what averaging adds."""
+    rows = []
+    for member in model.members:
+        probabilities, labels, _ = predict_split(member, config, metadata, split)
+        metrics = classification_metrics(probabilities, labels, metadata.label_names)
+        rows.append({"member": member.name, "accuracy": metrics["accuracy"], "log_loss": metrics["log_loss"]})
+    return rows
+
+
 def _comparison_row(run_dir, config, metrics: dict) -> dict:
     """One row of the report's "fused vs other runs" table."""
     return {
@@ -155,6 +166,8 @@ def evaluate(
     }
     if ablation:
         report["ablation"] = modality_ablation(model, config, metadata, split)
+    if isinstance(model, EnsembleModel):
+        report["members"] = ensemble_members(model, config, metadata, split)
     report["comparison"] = [_comparison_row(run_dir, config, report["metrics"])]
     for other in compare:
         other_config, other_metadata, other_model = load_trained_model(other)
@@ -198,6 +211,10 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
     if report.get("ablation"):
         lines += ["", "## Modality ablation", "", "| setting | accuracy |", "|---|---|"]
         lines += [f"| {r['setting']} | {r['accuracy']:.4f} |" for r in report["ablation"]]
+    if report.get("members"):
+        lines += ["", "## Ensemble members alone", "", "| member | accuracy | log loss |", "|---|---|---|"]
+        lines += [f"| {r['member']} | {r['accuracy']:.4f} | {r['log_loss']:.4f} |" for r in report["members"]]
+        lines.append(f"| **average (the model)** | {m['accuracy']:.4f} | {m['log_loss']:.4f} |")
     if len(report.get("comparison", [])) > 1:
         lines += [
             "",

@@ -130,12 +130,81 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
         A functional ``keras.Model`` taking the dict of
         ``features.model_feature_specs(config.data, config.model.modalities)``
         and returning one float32 tensor named ``"probabilities"``:
-        [B, num_classes] (multiclass, multilabel) or [B, 1] (binary).
+        [B, num_classes] (multiclass, multilabel) or [B, 1] (binary). With
+        ``model.ensemble_size`` > 1, an :class:`EnsembleModel` of that many
+        members with the same inputs and output.
     """
+    size = config.model.ensemble_size
+    if size < 1:
+        raise ValueError(f"model.ensemble_size must be >= 1, got {size}")
+    seed = config.train.seed
+    if size == 1:
+        return _build_classifier(config, num_classes, vocab_size, seed, "multimodal_classifier")
+    # Each member draws its own initial weights from the seeded global
+    # generator; modality dropout gets its own op seeds (one seed in two ops
+    # would hide the same modalities in every member).
+    members = [
+        _build_classifier(
+            config, num_classes, vocab_size, None if seed is None else seed + 2 * k, f"member_{k}"
+        )
+        for k in range(size)
+    ]
+    inputs = _model_inputs(config)
+    outputs = keras.layers.Average(dtype="float32", name=OUTPUT_NAME)([member(inputs) for member in members])
+    return EnsembleModel(inputs=inputs, outputs=outputs, name="multimodal_ensemble")
+
+
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class EnsembleModel(keras.Model):
+    """A deep ensemble (Lakshminarayanan et al., 2017) trained in one ``fit``.
+
+    The functional graph averages the members' probabilities, so inference,
+    evaluation, validation loss (hence checkpoint choice and early stopping)
+    and export see one model with one ``probabilities`` output. Training
+    differs from fitting that average: each member is trained on its own
+    loss, as if alone, and the step minimises their mean. Fitting the average
+    instead would let members specialise into parts of one bigger model and
+    lose the independent errors that make averaging pay. Reported training
+    metrics are those of the average; the training ``loss`` is the members'
+    mean loss.
+
+    Members are the nested ``keras.Model`` layers ``member_0``, ``member_1``,
+    ... (see :func:`build_model`).
+    """
+
+    @property
+    def members(self) -> list[keras.Model]:
+        return [layer for layer in self.layers if isinstance(layer, keras.Model)]
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        members = self.members
+        with tf.GradientTape() as tape:
+            predictions = [member(x, training=True) for member in members]
+            losses = [self.compiled_loss(y, p, sample_weight) for p in predictions]
+            loss = tf.add_n(losses) / len(losses)
+            if self.losses:  # regularisation terms, once
+                loss += tf.add_n(self.losses)
+        self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
+        average = tf.add_n([tf.cast(p, tf.float32) for p in predictions]) / len(predictions)
+        return self.compute_metrics(x, y, average, sample_weight)
+
+
+def _model_inputs(config: ExperimentConfig) -> dict:
+    """One named ``keras.Input`` per model feature."""
+    specs = features.model_feature_specs(config.data, check_modalities(config.model.modalities))
+    return {
+        name: keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=name) for name, spec in specs.items()
+    }
+
+
+def _build_classifier(
+    config: ExperimentConfig, num_classes: int, vocab_size: int, seed: int | None, name: str
+) -> keras.Model:
+    """One classifier (encoders, modality dropout, fusion, head) named ``name``."""
     model_config = config.model
     modalities = check_modalities(model_config.modalities)
     num_outputs, activation = output_units(model_config.head.type, num_classes)
-    specs = features.model_feature_specs(config.data, modalities)
 
     # === Layers ===
     encoders = {}
@@ -145,7 +214,7 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
             encoder_config(model_config, modality), name=f"{modality}_encoder", **extra
         )
     rates = {m: getattr(model_config.modality_dropout, m) for m in modalities}
-    modality_dropout = ModalityDropout(rates, seed=config.train.seed, name="modality_dropout")
+    modality_dropout = ModalityDropout(rates, seed=seed, name="modality_dropout")
     fusion = build_fusion(
         model_config.fusion, modalities, num_outputs=num_outputs, output_activation=activation, name="fusion"
     )
@@ -163,16 +232,14 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
         output_layer = keras.layers.Activation("linear", dtype="float32", name=OUTPUT_NAME)
 
     # === Functional Model ===
-    inputs = {
-        name: keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=name) for name, spec in specs.items()
-    }
+    inputs = _model_inputs(config)
     presence = modality_dropout({m: inputs[features.presence_name(m)] for m in modalities})
     embeddings = {m: encoders[m](inputs[m]) for m in modalities}
     x = fusion(embeddings, presence)
     for layer in head:
         x = layer(x)
     outputs = output_layer(x)
-    model = keras.Model(inputs=inputs, outputs=outputs, name="multimodal_classifier")
+    model = keras.Model(inputs=inputs, outputs=outputs, name=name)
 
     for modality in modalities:
         checkpoint = encoder_config(model_config, modality).checkpoint

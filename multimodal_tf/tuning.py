@@ -420,7 +420,7 @@ def tune(
 
 
 def cmd_tune(args) -> int:
-    paths = [p for p in (args.config, args.search_space) if p]
+    paths = [*(args.config or []), *([args.search_space] if args.search_space else [])]
     overrides = list(args.set or [])
     if args.manifest:
         overrides.insert(0, f"data.manifest={args.manifest}")
@@ -439,7 +439,11 @@ def cmd_tune(args) -> int:
 def add_tune_parser(subparsers):
     """Adds ``mmtf tune`` to the CLI."""
     parser = subparsers.add_parser("tune", help="hyperparameter search (Keras Tuner) over a config")
-    parser.add_argument("--config", help="experiment YAML (see pipelines/)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="experiment YAML (see pipelines/); repeat to layer files, later ones win",
+    )
     parser.add_argument(
         "--search-space", help="YAML with a search_space section (pipelines/search_space.yaml)"
     )

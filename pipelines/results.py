@@ -6,6 +6,9 @@ cores each run takes a few minutes), evaluates on the test split and writes
 recorded in results.json are skipped, so an interrupted table resumes.
 
     python pipelines/results.py [--only avmnist] [--fusions concat,gated]
+
+Besides one row per fusion and modality, VARIANTS adds fused rows whose
+config layers an overlay YAML on the dataset's (the emoji3 deep ensemble).
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ DATASETS = {
     "avmnist": ("pipelines/avmnist.yaml", ("image", "audio")),
     "emoji3": ("pipelines/emoji3.yaml", ("image", "text", "audio")),
 }
+# Extra fused rows: (dataset, table label, overlay YAML layered on the dataset's).
+VARIANTS = {
+    "emoji3-ensemble5": ("emoji3", "late ×5 ensemble", "pipelines/emoji3_ensemble.yaml"),
+}
 OUT = Path("runs/results")
 
 
-def plan_row(dataset: str, fusion: str | None, modalities: tuple[str, ...]):
-    """(row name, resolved config, overrides) of one table row."""
-    yaml_path, _ = DATASETS[dataset]
-    name = f"{dataset}-{fusion or 'single'}-{'+'.join(modalities)}"
+def plan_row(dataset: str, fusion: str | None, modalities: tuple[str, ...], variant: str | None = None):
+    """(row name, YAML paths, resolved config, overrides) of one table row."""
+    yaml_paths = [DATASETS[dataset][0]] + ([VARIANTS[variant][2]] if variant else [])
+    name = variant or f"{dataset}-{fusion or 'single'}-{'+'.join(modalities)}"
     overrides = [
         f"train.output_dir={OUT / name}",
         f"model.modalities=[{','.join(modalities)}]",
@@ -36,20 +43,22 @@ def plan_row(dataset: str, fusion: str | None, modalities: tuple[str, ...]):
     ]
     if fusion:
         overrides.append(f"model.fusion.name={fusion}")
-    return name, config_lib.load([yaml_path], overrides), overrides
+    return name, yaml_paths, config_lib.load(yaml_paths, overrides), overrides
 
 
-def row_fingerprint(yaml_path: str, overrides: list[str]) -> str:
+def row_fingerprint(yaml_paths: list[str], overrides: list[str]) -> str:
     """A row is re-run when its YAML or overrides change (new config fields with defaults do not)."""
-    return config_lib.fingerprint({"yaml": Path(yaml_path).read_text(), "overrides": overrides})
+    yaml = "".join(Path(p).read_text() for p in yaml_paths)
+    return config_lib.fingerprint({"yaml": yaml, "overrides": overrides})
 
 
-def run_one(dataset: str, fusion: str | None, modalities: tuple[str, ...]) -> dict:
+def run_one(
+    dataset: str, fusion: str | None, modalities: tuple[str, ...], variant: str | None = None
+) -> dict:
     from multimodal_tf.evaluation import evaluate
     from multimodal_tf.training import train
 
-    yaml_path, _ = DATASETS[dataset]
-    name, config, overrides = plan_row(dataset, fusion, modalities)
+    name, yaml_paths, config, overrides = plan_row(dataset, fusion, modalities, variant)
     start = time.perf_counter()
     run_dir = train(config, progress=False)
     seconds = time.perf_counter() - start
@@ -57,13 +66,15 @@ def run_one(dataset: str, fusion: str | None, modalities: tuple[str, ...]) -> di
     return {
         "name": name,
         "dataset": dataset,
-        "fusion": fusion or "-",
+        "fusion": VARIANTS[variant][1] if variant else fusion or "-",
         "modalities": list(modalities),
         "test_accuracy": report["metrics"]["accuracy"],
         "macro_f1": report["metrics"]["macro_f1"],
         "train_seconds": round(seconds, 1),
-        "fingerprint": row_fingerprint(yaml_path, overrides),
-        "command": f"mmtf train --config {yaml_path} "
+        "fingerprint": row_fingerprint(yaml_paths, overrides),
+        "command": "mmtf train "
+        + " ".join(f"--config {p}" for p in yaml_paths)
+        + " "
         + " ".join(f"--set {o}" for o in overrides[:2] + overrides[3:]),
     }
 
@@ -99,13 +110,17 @@ def main() -> None:
     for dataset, (_, modalities) in DATASETS.items():
         if args.only and dataset != args.only:
             continue
-        plan = [(None, (m,)) for m in modalities] if not args.no_unimodal else []
-        plan = [(f, modalities) for f in fusions[:1]] + plan + [(f, modalities) for f in fusions[1:]]
-        for fusion, mods in plan:
-            name, _, overrides = plan_row(dataset, fusion, mods)
-            if done.get(name) == row_fingerprint(DATASETS[dataset][0], overrides):
+        plan = [(None, (m,), None) for m in modalities] if not args.no_unimodal else []
+        plan = (
+            [(f, modalities, None) for f in fusions[:1]] + plan + [(f, modalities, None) for f in fusions[1:]]
+        )
+        if not args.fusions:
+            plan += [(None, modalities, v) for v, (d, _, _) in VARIANTS.items() if d == dataset]
+        for fusion, mods, variant in plan:
+            name, yaml_paths, _, overrides = plan_row(dataset, fusion, mods, variant)
+            if done.get(name) == row_fingerprint(yaml_paths, overrides):
                 continue
-            rows = [r for r in rows if r["name"] != name] + [run_one(dataset, fusion, mods)]
+            rows = [r for r in rows if r["name"] != name] + [run_one(dataset, fusion, mods, variant)]
             results_file.write_text(json.dumps(rows, indent=1))
             (OUT / "results.md").write_text(to_markdown(rows))
             print(to_markdown(rows), flush=True)

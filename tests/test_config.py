@@ -43,3 +43,39 @@ def test_every_pipeline_yaml_loads():
     assert paths, "pipelines/ has no experiment configs"
     for path in paths:
         config_lib.load([path])
+
+
+def test_repeated_config_flags_layer_in_order(tmp_path):
+    """`mmtf train --config base.yaml --config overlay.yaml --set ...`: later wins."""
+    from multimodal_tf import cli
+
+    (tmp_path / "base.yaml").write_text(
+        "train:\n  epochs: 3\n  learning_rate: 0.1\nmodel:\n  ensemble_size: 2\n"
+    )
+    (tmp_path / "overlay.yaml").write_text("model:\n  ensemble_size: 5\n")
+    args = cli.build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            str(tmp_path / "base.yaml"),
+            "--config",
+            str(tmp_path / "overlay.yaml"),
+            "--set",
+            "train.epochs=4",
+        ]  # fmt: skip
+    )
+    config = cli._config(args)
+    assert (config.model.ensemble_size, config.train.epochs, config.train.learning_rate) == (5, 4, 0.1)
+
+
+def test_emoji3_ensemble_overlay_changes_only_what_it_says():
+    from pathlib import Path
+
+    pipelines = Path(__file__).parents[1] / "pipelines"
+    base = config_lib.load([pipelines / "emoji3.yaml"])
+    layered = config_lib.load([pipelines / "emoji3.yaml", pipelines / "emoji3_ensemble.yaml"])
+    assert layered.model.ensemble_size == 5 and layered.model.fusion == base.model.fusion
+    assert (
+        layered.model.image_encoder == base.model.image_encoder
+        and layered.train.monitor == base.train.monitor
+    )

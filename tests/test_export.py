@@ -156,8 +156,9 @@ def test_versions_increment_and_existing_versions_are_refused(exported):
     assert sorted(p.name for p in (base / "m").iterdir()) == ["1", "2"]  # no temp dirs left
 
 
-def test_ngram_tokenizer_and_image_augmentation_export_and_match_the_model(synth_manifest, tmp_path):
-    """The n-gram tokenizer is core TF ops (passes the op check); augmentation is off in serving."""
+def test_ngram_tokenizer_augmentation_and_ensemble_export_and_match_the_model(synth_manifest, tmp_path):
+    """The n-gram tokenizer is core TF ops (passes the op check); augmentation is off in serving;
+    an ensemble exports as one model whose output is its members' average."""
     config = tiny_config(
         f"data.manifest={synth_manifest}",
         f"train.output_dir={tmp_path / 'run'}",
@@ -167,6 +168,7 @@ def test_ngram_tokenizer_and_image_augmentation_export_and_match_the_model(synth
         "model.modalities=[image,text]",
         "model.text_encoder.name=text/bow",
         "model.image_encoder.augment=true",
+        "model.ensemble_size=2",
     )
     run = train(config, progress=False)
     assert cli.main(["export", str(run), "--base-path", str(tmp_path / "models"), "--model-name", "n"]) == 0
@@ -182,3 +184,6 @@ def test_ngram_tokenizer_and_image_augmentation_export_and_match_the_model(synth
     loaded = tf.saved_model.load(str(path))
     served = loaded.signatures["predict_examples"](examples=examples)["probabilities"].numpy()
     np.testing.assert_allclose(served, expected, atol=1e-5)
+    features = preprocessor(preprocessor.parse_examples(examples))
+    members = [member(features, training=False).numpy() for member in model.members]
+    np.testing.assert_allclose(served, np.mean(members, axis=0), atol=1e-5)

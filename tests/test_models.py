@@ -183,3 +183,72 @@ def test_weight_names_are_unique(fusion):
     config = testing.tiny_config("model.modalities=[image,audio]", f"model.fusion.name={fusion}")
     names = [weight.name for weight in models.build_model(config, NUM_CLASSES, VOCAB_SIZE).weights]
     assert len(names) == len(set(names)), sorted(names)
+
+
+# === Deep ensemble (model.ensemble_size) ===
+
+# No dropout of any kind, so that one training step is deterministic.
+ENSEMBLE = (
+    "model.modalities=[image,audio]",
+    "model.fusion.name=late",
+    "model.image_encoder.dropout_rate=0.0",
+    "model.audio_encoder.dropout_rate=0.0",
+    "model.fusion.dropout_rate=0.0",
+    "train.seed=3",
+)
+
+
+def test_ensemble_output_is_the_average_of_independently_initialised_members(tmp_path):
+    config = testing.tiny_config(*ENSEMBLE, "model.ensemble_size=3")
+    model = models.build_model(config, NUM_CLASSES, VOCAB_SIZE)
+    assert isinstance(model, models.EnsembleModel) and len(model.members) == 3
+    assert model.output_names == [models.OUTPUT_NAME]
+    assert set(model.input) == set(features.model_feature_specs(config.data, config.model.modalities))
+    inputs = testing.random_features(config)
+    members = [member(inputs, training=False).numpy() for member in model.members]
+    assert not np.allclose(members[0], members[1])  # their own initial weights
+    output = model(inputs, training=False).numpy()
+    np.testing.assert_allclose(output, np.mean(members, axis=0), atol=1e-6)
+    # Nested members keep apart in HDF5 checkpoints (training's weight files).
+    model.save_weights(tmp_path / "weights.h5")
+    reloaded = models.build_model(config, NUM_CLASSES, VOCAB_SIZE)
+    reloaded.load_weights(tmp_path / "weights.h5")
+    np.testing.assert_allclose(reloaded(inputs, training=False).numpy(), output, atol=1e-6)
+    for member, other in zip(model.members, reloaded.members, strict=True):
+        np.testing.assert_allclose(member(inputs).numpy(), other(inputs).numpy(), atol=1e-6)
+
+
+def _sgd_step(model, config, learning_rate: float):
+    inputs = testing.random_features(config, batch_size=8, seed=5)
+    labels = np.arange(8) % NUM_CLASSES
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate), loss=models.loss_for(config))
+    model.fit(inputs, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+
+def test_each_ensemble_member_trains_on_its_own_loss():
+    """A member's step equals the step it would take alone (deep ensembles), not one on the average."""
+    config = testing.tiny_config(*ENSEMBLE, "model.ensemble_size=2")
+    ensemble = models.build_model(config, NUM_CLASSES, VOCAB_SIZE)
+    alone = models.build_model(testing.tiny_config(*ENSEMBLE), NUM_CLASSES, VOCAB_SIZE)
+    averaged = models.build_model(config, NUM_CLASSES, VOCAB_SIZE)
+    alone.set_weights(ensemble.members[0].get_weights())
+    averaged.set_weights(ensemble.get_weights())
+    start = [w.copy() for w in alone.get_weights()]
+    # The ensemble minimises the members' mean loss: twice the rate of one model alone.
+    _sgd_step(ensemble, config, 0.2)
+    _sgd_step(alone, config, 0.1)
+    for got, want in zip(ensemble.members[0].get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert any(not np.allclose(w, s) for w, s in zip(alone.get_weights(), start, strict=True))
+    # Fitting the averaged output (plain keras.Model.train_step) moves a member differently.
+    averaged.train_step = lambda data: keras.Model.train_step(averaged, data)
+    _sgd_step(averaged, config, 0.2)
+    assert any(
+        not np.allclose(got, want, atol=1e-5)
+        for got, want in zip(averaged.members[0].get_weights(), alone.get_weights(), strict=True)
+    )
+
+
+def test_ensemble_size_must_be_positive():
+    with pytest.raises(ValueError, match="ensemble_size"):
+        models.build_model(testing.tiny_config("model.ensemble_size=0"), NUM_CLASSES, VOCAB_SIZE)

@@ -8,7 +8,7 @@ import pytest
 from multimodal_tf import cli
 from multimodal_tf.compat import keras
 from multimodal_tf.testing import tiny_config
-from multimodal_tf.training import SwapEMAWeights, make_optimizer, train
+from multimodal_tf.training import SwapEMAWeights, load_trained_model, make_optimizer, train
 from tests.conftest import shared_manifest
 
 
@@ -81,15 +81,23 @@ def test_same_seed_gives_the_same_metrics(synth_manifest, tmp_path):
         np.testing.assert_allclose(histories[0][key], histories[1][key], rtol=1e-6, err_msg=key)
 
 
-def test_mirrored_strategy_over_two_logical_cpus_trains(synth_manifest, tmp_path):
+def test_mirrored_strategy_over_two_logical_cpus_trains_an_ensemble(synth_manifest, tmp_path):
     config = tiny_config(
         f"data.manifest={synth_manifest}",
         f"train.output_dir={tmp_path}",
         "train.strategy=mirrored",
         "train.ema_momentum=0.9",  # swapping averaged weights in and out of mirrored variables
+        "model.ensemble_size=2",  # EnsembleModel's own train_step inside the replica context
     )
     run = train(config, progress=False)
     assert np.isfinite(json.loads((run / "history.json").read_text())["loss"]).all()
+    _, _, model = load_trained_model(run)
+    assert len(model.members) == 2
+    assert cli.main(["evaluate", str(run), "--no-ablation"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert [r["member"] for r in report["members"]] == ["member_0", "member_1"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["log_loss"]) for r in report["members"])
+    assert "## Ensemble members alone" in (run / "report.md").read_text()
 
 
 def test_unimodal_run_and_comparison_table(synth_manifest, trained_run, tmp_path):
