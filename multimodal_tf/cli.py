@@ -14,7 +14,8 @@ def _config(args, extra_overrides=()):
     return config_lib.load(paths, list(extra_overrides) + list(getattr(args, "set", None) or []))
 
 
-def _add_config_args(parser):
+def add_config_args(parser):
+    """``--config`` (repeatable YAML layers) and ``--set`` overrides; read back by ``_config``."""
     parser.add_argument(
         "--config",
         action="append",
@@ -116,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("validate", help="check every record of a manifest")
     p.add_argument("manifest")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_validate)
     p = data_sub.add_parser("convert", help="manifest -> sharded TFRecords + metadata")
     p.add_argument("manifest")
     p.add_argument("out_dir")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     p.add_argument("--force", action="store_true", help="convert even if up to date")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_convert)
     p = data_sub.add_parser("synth", help="generate the demo dataset")
     p.add_argument("out_dir")
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train a model from a config")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--manifest", help="shortcut for --set data.manifest=...")
     p.add_argument("--output-dir", help="shortcut for --set train.output_dir=...")
     p.add_argument("--strategy", help="default | mirrored | multi_worker | parameter_server | tpu")

@@ -36,6 +36,7 @@ import yaml
 
 from multimodal_tf import config as config_lib
 from multimodal_tf import distribute, training
+from multimodal_tf.cli import add_config_args
 from multimodal_tf.compat import import_keras_tuner, keras
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.metadata import DatasetMetadata
@@ -439,15 +440,10 @@ def cmd_tune(args) -> int:
 def add_tune_parser(subparsers):
     """Adds ``mmtf tune`` to the CLI."""
     parser = subparsers.add_parser("tune", help="hyperparameter search (Keras Tuner) over a config")
-    parser.add_argument(
-        "--config",
-        action="append",
-        help="experiment YAML (see pipelines/); repeat to layer files, later ones win",
-    )
+    add_config_args(parser)
     parser.add_argument(
         "--search-space", help="YAML with a search_space section (pipelines/search_space.yaml)"
     )
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
     parser.add_argument("--manifest", help="shortcut for --set data.manifest=...")
     parser.add_argument("--tuner", choices=TUNERS, default="random")
     parser.add_argument(
