@@ -178,15 +178,14 @@ class EnsembleModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        members = self.members
         with tf.GradientTape() as tape:
-            predictions = [member(x, training=True) for member in members]
+            predictions = [member(x, training=True) for member in self.members]
             losses = [self.compiled_loss(y, p, sample_weight) for p in predictions]
             loss = tf.add_n(losses) / len(losses)
             if self.losses:  # regularisation terms, once
                 loss += tf.add_n(self.losses)
         self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
-        average = tf.add_n([tf.cast(p, tf.float32) for p in predictions]) / len(predictions)
+        average = tf.add_n(predictions) / len(predictions)  # members output float32 (see OUTPUT_NAME)
         return self.compute_metrics(x, y, average, sample_weight)
 
 
