@@ -7,6 +7,7 @@ import pytest
 
 from multimodal_tf import cli
 from multimodal_tf.compat import keras
+from multimodal_tf.evaluation import classification_metrics, predict_split
 from multimodal_tf.testing import tiny_config
 from multimodal_tf.training import SwapEMAWeights, load_trained_model, make_optimizer, train
 from tests.conftest import shared_manifest
@@ -91,12 +92,19 @@ def test_mirrored_strategy_over_two_logical_cpus_trains_an_ensemble(synth_manife
     )
     run = train(config, progress=False)
     assert np.isfinite(json.loads((run / "history.json").read_text())["loss"]).all()
-    _, _, model = load_trained_model(run)
+    run_config, metadata, model = load_trained_model(run)
     assert len(model.members) == 2
     assert cli.main(["evaluate", str(run), "--no-ablation"]) == 0
     report = json.loads((run / "report.json").read_text())
     assert [r["member"] for r in report["members"]] == ["member_0", "member_1"]
     assert all(0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["log_loss"]) for r in report["members"])
+    # The one-pass table equals each member predicting the split on its own.
+    for row, member in zip(report["members"], model.members, strict=True):
+        alone = classification_metrics(
+            *predict_split(member, run_config, metadata, "test")[:2], metadata.label_names
+        )
+        assert row["accuracy"] == pytest.approx(alone["accuracy"])
+        assert row["log_loss"] == pytest.approx(alone["log_loss"], rel=1e-5)
     assert "## Ensemble members alone" in (run / "report.md").read_text()
 
 
