@@ -119,6 +119,7 @@ class FusionConfig:
     hidden_dim: int = 64
     num_heads: int = 4
     rank: int = 4  # tensor fusion only
+    combine: str = "mean"  # late fusion only: mean of probabilities | product (sum of logits)
     dropout_rate: float = 0.1
 
 

@@ -19,6 +19,7 @@ CONFIGS = {
     "text/bow linear": EncoderConfig(name="text/bow", embedding_dim=16, linear=True),
     "audio/cnn": EncoderConfig(name="audio/cnn", width=8, depth=2, output_dim=16),
     "audio/lstm": EncoderConfig(name="audio/lstm", width=8, depth=1, output_dim=16),
+    "audio/stats": EncoderConfig(name="audio/stats", width=8, depth=2, output_dim=16),
 }
 INPUT_SHAPES = {"image": (16, 16, 3), "text": (8,), "audio": (23, 16)}
 VOCAB_SIZE = 50
@@ -42,7 +43,14 @@ def make_input(name: str, seed: int = 0) -> tf.Tensor:
 
 
 def test_registry_keys():
-    assert set(ENCODERS.keys()) >= {"image/cnn", "text/lstm", "audio/cnn", "audio/lstm"}
+    assert set(ENCODERS.keys()) >= {
+        "image/cnn",
+        "text/lstm",
+        "text/bow",
+        "audio/cnn",
+        "audio/lstm",
+        "audio/stats",
+    }
 
 
 def test_unknown_encoder_lists_known_ones():
@@ -123,6 +131,24 @@ def test_audio_encoders_ignore_recording_level():
         )
 
 
+def test_audio_stats_encoder_sees_band_statistics_not_frame_order():
+    encoder = make_encoder("audio/stats")
+    spectrograms = make_input("audio/stats").numpy()
+    expected = encoder(spectrograms, training=False).numpy()
+    shuffled = spectrograms[:, np.random.default_rng(1).permutation(spectrograms.shape[1])]
+    np.testing.assert_allclose(encoder(shuffled, training=False).numpy(), expected, atol=1e-5)
+    # The statistics it pools are numpy's.
+    stats = np.concatenate([spectrograms.mean(1), spectrograms.std(1), spectrograms.max(1)], axis=-1)
+    np.testing.assert_allclose(
+        encoders.audio.band_statistics(tf.constant(spectrograms)).numpy(), stats, atol=1e-3
+    )
+    # A louder clip is a different clip: no per-clip normalisation here.
+    assert not np.allclose(encoder(spectrograms + 3.0, training=False).numpy(), expected)
+    # Unlike the encoders above, one frame's change moves the max, and so the output.
+    spectrograms[0, 3, 2] += 10.0
+    assert not np.allclose(encoder(spectrograms, training=False).numpy()[0], expected[0])
+
+
 def test_image_augmentation_acts_only_while_training():
     plain, augmented = make_encoder("image/cnn"), make_encoder("image/cnn", augment=True)
     images = make_input("image/cnn")
@@ -172,6 +198,7 @@ FIT_OVERRIDES = {
         "model.audio_encoder.name=audio/lstm",
         "model.audio_encoder.depth=1",
     ),
+    "audio/stats": ("model.modalities=[audio]", "model.audio_encoder.name=audio/stats"),
 }
 
 

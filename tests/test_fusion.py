@@ -91,7 +91,9 @@ def test_one_present_modality_takes_all_the_weight(name):
     image_only = {m: tf.constant([1.0 if m == "image" else 0.0] * BATCH) for m in MODALITIES}
     output = layer(embeddings, image_only, training=False).numpy()
     if name == "late":
-        expected = layer.classifiers["image"](layer.hidden["image"](embeddings["image"])).numpy()
+        expected = tf.nn.softmax(
+            layer.classifiers["image"](layer.hidden["image"](embeddings["image"]))
+        ).numpy()
     elif name == "weighted_sum":
         expected = layer.projections["image"](embeddings["image"]).numpy()
     else:
@@ -109,7 +111,7 @@ def test_late_fusion_with_linear_heads():
     image_only = {m: tf.constant([1.0 if m == "image" else 0.0] * BATCH) for m in MODALITIES}
     np.testing.assert_allclose(
         layer(embeddings, image_only, training=False).numpy(),
-        layer.classifiers["image"](embeddings["image"]).numpy(),
+        tf.nn.softmax(layer.classifiers["image"](embeddings["image"])).numpy(),
         atol=1e-6,
     )
     testing.assert_config_round_trip(layer)
@@ -117,6 +119,62 @@ def test_late_fusion_with_linear_heads():
     with pytest.raises(ValueError, match="hidden_dim"):
         fusion.build_fusion(
             FusionConfig(name="late", hidden_dim=-1), MODALITIES, num_outputs=3, output_activation="softmax"
+        )
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_late_fusion_combinations(activation):
+    """mean: weighted mean of the heads' probabilities; product: activation of the weighted logit sum."""
+    config = FusionConfig(name="late", hidden_dim=HIDDEN_DIM, combine="product")
+    product = fusion.build_fusion(config, MODALITIES, num_outputs=NUM_CLASSES, output_activation=activation)
+    embeddings, presence = make_inputs()
+    product(embeddings, presence)
+    product.modality_logits.assign([0.5, -0.3, 0.1])  # unequal weights, so a mix-up of them shows
+    mean = type(product).from_config({**product.get_config(), "combine": "mean"})
+    mean(embeddings, presence)
+    mean.set_weights(product.get_weights())
+    assert product.get_config()["combine"] == "product" and mean.combine == "mean"
+
+    act = tf.nn.softmax if activation == "softmax" else tf.sigmoid
+    logits = np.stack(
+        [product.classifiers[m](product.hidden[m](embeddings[m])).numpy() for m in MODALITIES], 1
+    )
+    flags = np.stack([presence[m].numpy() for m in MODALITIES], 1)
+    weights = fusion.masked_softmax(product.modality_logits, flags).numpy()[:, :, None]  # [B, M, 1]
+    prior = 1.0 / NUM_CLASSES if activation == "softmax" else 0.5
+    np.testing.assert_allclose(
+        product(embeddings, presence, training=False).numpy(),
+        act((weights * logits).sum(1)).numpy(),
+        atol=1e-5,
+    )
+    expected_mean = (weights * act(logits).numpy()).sum(1)
+    expected_mean[-1] = prior  # the row with no modality present
+    np.testing.assert_allclose(mean(embeddings, presence, training=False).numpy(), expected_mean, atol=1e-5)
+    # The two differ whenever more than one modality is present (row 0: all three).
+    assert not np.allclose(product(embeddings, presence).numpy()[0], mean(embeddings, presence).numpy()[0])
+    # ...and agree where only one is (row 3 of PRESENCE has image and text; build an image-only one).
+    image_only = {m: tf.constant([1.0 if m == "image" else 0.0] * BATCH) for m in MODALITIES}
+    np.testing.assert_allclose(product(embeddings, image_only).numpy(), act(logits[:, 0]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(product(embeddings, presence).numpy()[-1], prior, atol=1e-6)
+
+
+def test_late_fusion_product_ignores_absent_modalities():
+    config = FusionConfig(name="late", hidden_dim=HIDDEN_DIM, combine="product")
+    layer = fusion.build_fusion(config, MODALITIES, num_outputs=NUM_CLASSES, output_activation="softmax")
+    embeddings, presence = make_inputs(seed=0)
+    changed, _ = make_inputs(seed=1, scale=100.0)
+    mixed = {m: tf.where(presence[m][:, None] > 0, embeddings[m], changed[m]) for m in MODALITIES}
+    np.testing.assert_allclose(
+        layer(mixed, presence, training=False).numpy(),
+        layer(embeddings, presence, training=False).numpy(),
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="combine"):
+        fusion.build_fusion(
+            FusionConfig(name="late", combine="median"),
+            MODALITIES,
+            num_outputs=3,
+            output_activation="softmax",
         )
 
 

@@ -1,7 +1,7 @@
 """Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
 
-Importing this package registers ``image/cnn``, ``text/lstm``, ``audio/cnn``
-and ``audio/lstm``. Each encoder is a Keras layer mapping one preprocessed
+Importing this package registers ``image/cnn``, ``text/lstm``, ``text/bow``,
+``audio/cnn``, ``audio/lstm`` and ``audio/stats``. Each encoder is a Keras layer mapping one preprocessed
 modality (see ``data.features.model_feature_specs``) to a [B, output_dim]
 embedding.
 """
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import EncoderConfig
-from multimodal_tf.encoders.audio import AudioCNNEncoder, AudioLSTMEncoder
+from multimodal_tf.encoders.audio import AudioCNNEncoder, AudioLSTMEncoder, AudioStatsEncoder
 from multimodal_tf.encoders.image import ImageCNNEncoder
-from multimodal_tf.encoders.text import TextLSTMEncoder
+from multimodal_tf.encoders.text import TextBagOfEmbeddingsEncoder, TextLSTMEncoder
 from multimodal_tf.registry import ENCODERS
 
 __all__ = [
     "AudioCNNEncoder",
     "AudioLSTMEncoder",
+    "AudioStatsEncoder",
     "ImageCNNEncoder",
+    "TextBagOfEmbeddingsEncoder",
     "TextLSTMEncoder",
     "build_encoder",
     "load_encoder_checkpoint",

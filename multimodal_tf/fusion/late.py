@@ -10,21 +10,35 @@ from multimodal_tf.fusion.base import FusionLayer, build_sublayer, masked_softma
 from multimodal_tf.registry import FUSIONS
 
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+COMBINATIONS = ("mean", "product")
 
 
 @FUSIONS.register("late")
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class LateFusion(FusionLayer):
-    """Decision-level fusion: per-modality classifiers averaged with learned weights.
+    """Decision-level fusion: per-modality classifiers combined with learned weights.
 
     Late fusion in the sense of Snoek et al., 2005, "Early versus Late Fusion
     in Semantic Video Analysis" (see also Baltrušaitis et al., 2019, survey):
-    each modality has its own head (Dense-ReLU, dropout, Dense with the output
-    activation) producing class probabilities, and the probabilities are
-    averaged with weights softmaxed from one learned logit per modality over
-    the modalities present in each example. An example with no modality
-    present gets the uninformative output (1/num_outputs for softmax, 0.5 for
-    sigmoid). Outputs are float32 under any mixed-precision policy.
+    each modality has its own head (Dense-ReLU, dropout, Dense) producing
+    class scores, combined with weights softmaxed from one learned logit per
+    modality over the modalities present in each example:
+
+    - ``combine="mean"``: the weighted mean of the heads' probabilities (a
+      mixture of experts: the fused output is confident when *any* head is).
+    - ``combine="product"``: the weighted geometric mean, i.e. the output
+      activation of the weighted sum of the heads' logits (a product of
+      experts, Hinton 2002; for independent modalities the Bayes-optimal
+      combination is the product of the per-modality posteriors). Classes
+      that two modalities each find plausible beat a class only one is sure
+      of. The heads then learn together rather than as unimodal models: on
+      emoji3 it reached a lower validation loss in half the epochs, but not
+      a higher test accuracy (README).
+
+    Either way an example with one modality present gets exactly that
+    modality's prediction, and one with none present gets the uninformative
+    output (1/num_outputs for softmax, 0.5 for sigmoid). Outputs are float32
+    under any mixed-precision policy.
 
     Call arguments:
         embeddings: dict modality -> float [B, D_m].
@@ -42,6 +56,7 @@ class LateFusion(FusionLayer):
             head (dropout, then the classifier) on encoders that already end
             in a nonlinearity, or on a fastText-style linear text encoder.
         dropout_rate: dropout inside each head.
+        combine: ``"mean"`` of probabilities or ``"product"`` (sum of logits).
         **kwargs: standard layer arguments.
     """
 
@@ -54,6 +69,7 @@ class LateFusion(FusionLayer):
         output_activation: str = "softmax",
         hidden_dim: int = 64,
         dropout_rate: float = 0.0,
+        combine: str = "mean",
         **kwargs,
     ):
         super().__init__(modalities, **kwargs)
@@ -61,12 +77,15 @@ class LateFusion(FusionLayer):
             raise ValueError(
                 f"{self.name}: output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}"
             )
+        if combine not in COMBINATIONS:
+            raise ValueError(f"{self.name}: combine must be one of {COMBINATIONS}, got {combine!r}")
         if num_outputs < 1:
             raise ValueError(f"{self.name}: num_outputs must be >= 1, got {num_outputs}")
         self.num_outputs = num_outputs
         self.output_activation = output_activation
         self.hidden_dim = hidden_dim
         self.dropout_rate = dropout_rate
+        self.combine = combine
         if hidden_dim < 0:
             raise ValueError(f"{self.name}: hidden_dim must be >= 0, got {hidden_dim}")
         self.hidden = {
@@ -76,9 +95,7 @@ class LateFusion(FusionLayer):
         }
         self.dropouts = {m: keras.layers.Dropout(dropout_rate, name=f"{m}_dropout") for m in self.modalities}
         self.classifiers = {
-            m: keras.layers.Dense(
-                num_outputs, activation=output_activation, dtype="float32", name=f"{m}_classifier"
-            )
+            m: keras.layers.Dense(num_outputs, dtype="float32", name=f"{m}_classifier")  # logits
             for m in self.modalities
         }
 
@@ -94,6 +111,7 @@ class LateFusion(FusionLayer):
             output_activation=output_activation,
             hidden_dim=config.hidden_dim,
             dropout_rate=config.dropout_rate,
+            combine=config.combine,
             **kwargs,
         )
 
@@ -111,14 +129,18 @@ class LateFusion(FusionLayer):
         self._check_keys(embeddings, presence)
         flags = self.stacked_presence(presence, tf.float32)  # [B, M]
         weights = masked_softmax(self.modality_logits, flags)
-        probabilities = []
+        activation = tf.nn.softmax if self.output_activation == "softmax" else tf.sigmoid
+        logits = []
         for m in self.modalities:
             hidden = zero_absent(embeddings[m], presence[m])
             if self.hidden_dim:
                 hidden = self.hidden[m](hidden)
-            probabilities.append(self.classifiers[m](self.dropouts[m](hidden, training=training)))
-        probabilities = tf.stack(probabilities, axis=1)  # [B, M, num_outputs], float32
-        fused = tf.reduce_sum(probabilities * weights[:, :, None], axis=1)
+            logits.append(self.classifiers[m](self.dropouts[m](hidden, training=training)))
+        logits = tf.stack(logits, axis=1)  # [B, M, num_outputs], float32
+        if self.combine == "product":
+            # All weights 0 (nothing present) gives logits 0: the uniform prior.
+            return activation(tf.reduce_sum(logits * weights[:, :, None], axis=1))
+        fused = tf.reduce_sum(activation(logits) * weights[:, :, None], axis=1)
         prior = 1.0 / self.num_outputs if self.output_activation == "softmax" else 0.5
         none_present = 1.0 - tf.reduce_max(flags, axis=1, keepdims=True)  # [B, 1]
         return fused + none_present * prior
@@ -131,6 +153,7 @@ class LateFusion(FusionLayer):
                 "output_activation": self.output_activation,
                 "hidden_dim": self.hidden_dim,
                 "dropout_rate": self.dropout_rate,
+                "combine": self.combine,
             }
         )
         return config
