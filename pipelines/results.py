@@ -27,7 +27,7 @@ DATASETS = {
 }
 # Extra fused rows: (dataset, table label, overlay YAML layered on the dataset's).
 VARIANTS = {
-    "emoji3-ensemble5": ("emoji3", "late ×5 ensemble", "pipelines/emoji3_ensemble.yaml"),
+    "emoji3-ensemble7": ("emoji3", "late ×7 ensemble", "pipelines/emoji3_ensemble.yaml"),
 }
 OUT = Path("runs/results")
 

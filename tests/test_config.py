@@ -74,8 +74,17 @@ def test_emoji3_ensemble_overlay_changes_only_what_it_says():
     pipelines = Path(__file__).parents[1] / "pipelines"
     base = config_lib.load([pipelines / "emoji3.yaml"])
     layered = config_lib.load([pipelines / "emoji3.yaml", pipelines / "emoji3_ensemble.yaml"])
-    assert layered.model.ensemble_size == 5 and layered.model.fusion == base.model.fusion
+    assert layered.model.ensemble_size == 7 and layered.model.fusion == base.model.fusion
     assert (
         layered.model.image_encoder == base.model.image_encoder
+        and layered.model.text_encoder == base.model.text_encoder
+        and layered.data == base.data
         and layered.train.monitor == base.train.monitor
+    )
+    # The audio encoder changes kind and size; what the overlay leaves out stays.
+    audio = layered.model.audio_encoder
+    assert (audio.name, audio.width, audio.depth) == ("audio/stats", 64, 1)
+    assert (audio.output_dim, audio.dropout_rate) == (
+        base.model.audio_encoder.output_dim,
+        base.model.audio_encoder.dropout_rate,
     )
