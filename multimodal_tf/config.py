@@ -107,6 +107,7 @@ class EncoderConfig:
     embedding_dim: int = 32  # text only
     bidirectional: bool = False  # recurrent encoders only
     augment: bool = False  # image/cnn only: random flips, shifts, zooms while training
+    colour_bins: int = 0  # image/cnn only: levels per channel of a colour histogram beside the CNN (0 = none)
     linear: bool = False  # text/bow only: fastText's mean embedding, no max pool or projection
     checkpoint: str = ""  # local pretrained weights (never downloaded)
 

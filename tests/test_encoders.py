@@ -14,6 +14,7 @@ BATCH = 4
 # Text and audio LSTMs at depth 1: tracing each LSTM layer costs seconds.
 CONFIGS = {
     "image/cnn": EncoderConfig(name="image/cnn", width=8, depth=2, output_dim=16),
+    "image/cnn colour": EncoderConfig(name="image/cnn", width=8, depth=2, output_dim=16, colour_bins=4),
     "text/lstm": EncoderConfig(name="text/lstm", width=8, depth=1, output_dim=16, embedding_dim=8),
     "text/bow": EncoderConfig(name="text/bow", output_dim=16, embedding_dim=8),
     "text/bow linear": EncoderConfig(name="text/bow", embedding_dim=16, linear=True),
@@ -166,6 +167,39 @@ def test_image_augmentation_acts_only_while_training():
     assert all(not np.allclose(x.numpy(), images.numpy()) for x in shifted[1:])
 
 
+def test_colour_histogram_counts_joint_colour_bins():
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 5, 7, 3)).astype(np.float32)
+    images[0, 0, 0] = 1.0  # the top edge falls in the last level, not past it
+    levels = np.minimum((images * 4).astype(int), 3)
+    cells = levels[..., 0] + 4 * levels[..., 1] + 16 * levels[..., 2]
+    expected = np.sqrt([np.bincount(c.ravel(), minlength=64) / 35 for c in cells])
+    np.testing.assert_allclose(encoders.image.colour_histogram(images, 4).numpy(), expected, atol=1e-6)
+    grey = encoders.image.colour_histogram(images[..., :1], 5).numpy()
+    assert grey.shape == (2, 5)
+    np.testing.assert_allclose((grey**2).sum(-1), 1.0, atol=1e-6)
+
+
+def test_colour_bins_see_the_palette_not_the_layout():
+    """The histogram path reacts to a recolouring that keeps every pixel's place."""
+    encoder = make_encoder("image/cnn colour")
+    images = np.random.default_rng(2).random((BATCH, 16, 16, 3)).astype(np.float32)
+    encoder(images)
+    # Silence the convolutional path: what is left is the colour histogram.
+    encoder.projection.kernel.assign(
+        tf.concat([tf.zeros([16 * 4 * 4, 16]), tf.random.stateless_normal([4**3, 16], seed=[0, 1])], axis=0)
+    )
+    encoder.projection.bias.assign(tf.ones([16]))
+    expected = encoder(images, training=False).numpy()
+    flipped = images[:, ::-1, ::-1]  # same pixels, other places
+    np.testing.assert_allclose(encoder(flipped, training=False).numpy(), expected, atol=1e-5)
+    recoloured = images[..., ::-1]  # same places, other colours
+    assert not np.allclose(encoder(recoloured, training=False).numpy(), expected)
+    assert type(encoder).from_config(encoder.get_config()).colour_bins == 4
+    with pytest.raises(ValueError, match="colour_bins"):
+        make_encoder("image/cnn", colour_bins=1)
+
+
 def test_encoder_checkpoint_round_trip(tmp_path):
     encoder = make_encoder("image/cnn")
     images = make_input("image/cnn")
@@ -185,6 +219,7 @@ def test_encoder_checkpoint_round_trip(tmp_path):
 
 FIT_OVERRIDES = {
     "image/cnn": ("model.modalities=[image]",),
+    "image/cnn colour": ("model.modalities=[image]", "model.image_encoder.colour_bins=3"),
     "text/lstm": ("model.modalities=[text]", "model.text_encoder.depth=1"),
     "text/bow": ("model.modalities=[text]", "model.text_encoder.name=text/bow"),
     "text/bow linear": (

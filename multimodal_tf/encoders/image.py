@@ -27,6 +27,21 @@ def conv_blocks(width: int, depth: int) -> list[keras.layers.Layer]:
     return layers
 
 
+def colour_histogram(images: tf.Tensor, bins: int) -> tf.Tensor:
+    """[B, H, W, C] in [0, 1] -> [B, bins**C]: the square root of each joint colour bin's pixel share.
+
+    Each channel is quantised to ``bins`` levels and every pixel counted in
+    one of ``bins**C`` cells (Swain & Ballard, "Color indexing", 1991). The
+    square root (Hellinger / RootSIFT normalisation) keeps a large uniform
+    background from drowning the few bins that describe the object.
+    """
+    channels = images.shape[-1]
+    levels = tf.clip_by_value(tf.cast(tf.floor(images * bins), tf.int32), 0, bins - 1)
+    cell = tf.reduce_sum(levels * bins ** tf.range(channels), axis=-1)  # [B, H, W]
+    share = tf.reduce_mean(tf.one_hot(cell, bins**channels), axis=[1, 2])
+    return tf.sqrt(share)
+
+
 @ENCODERS.register("image/cnn")
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class ImageCNNEncoder(keras.layers.Layer):
@@ -50,6 +65,11 @@ class ImageCNNEncoder(keras.layers.Layer):
         augment: random horizontal flips, shifts and zooms of up to 10% while
             training (identity at inference, so serving is unchanged); for
             small image sets where the CNN otherwise memorises the pictures.
+        colour_bins: when > 0, a joint colour histogram with ``colour_bins``
+            levels per channel (:func:`colour_histogram`, batch-normalised)
+            joins the flattened feature map before the projection. Small
+            convolutional stacks see local patterns, not the global palette
+            that tells apart, say, icons of food from flags.
         **kwargs: standard layer arguments.
     """
 
@@ -60,6 +80,7 @@ class ImageCNNEncoder(keras.layers.Layer):
         output_dim: int = 64,
         dropout_rate: float = 0.1,
         augment: bool = False,
+        colour_bins: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -67,11 +88,14 @@ class ImageCNNEncoder(keras.layers.Layer):
             raise ValueError(
                 f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}"
             )
+        if colour_bins < 0 or colour_bins == 1:
+            raise ValueError(f"{self.name}: colour_bins must be 0 (off) or >= 2, got {colour_bins}")
         self.width = width
         self.depth = depth
         self.output_dim = output_dim
         self.dropout_rate = dropout_rate
         self.augment = augment
+        self.colour_bins = colour_bins
         self.augmentation = (
             [
                 keras.layers.RandomFlip("horizontal", name="random_flip"),
@@ -83,6 +107,9 @@ class ImageCNNEncoder(keras.layers.Layer):
         )
         self.blocks = conv_blocks(width, depth)
         self.flatten = keras.layers.Flatten(name="flatten")
+        self.colour_norm = (
+            keras.layers.BatchNormalization(momentum=0.9, name="colour_norm") if colour_bins else None
+        )
         self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
@@ -95,6 +122,7 @@ class ImageCNNEncoder(keras.layers.Layer):
             output_dim=config.output_dim,
             dropout_rate=config.dropout_rate,
             augment=config.augment,
+            colour_bins=config.colour_bins,
             **kwargs,
         )
 
@@ -102,9 +130,13 @@ class ImageCNNEncoder(keras.layers.Layer):
         x = images
         for layer in self.augmentation:
             x = layer(x, training=training)
+        colours = colour_histogram(x, self.colour_bins) if self.colour_bins else None
         for layer in self.blocks:
             x = layer(x, training=training)
-        x = self.projection(self.flatten(x))
+        x = self.flatten(x)
+        if colours is not None:
+            x = tf.concat([x, self.colour_norm(colours, training=training)], axis=-1)
+        x = self.projection(x)
         return self.dropout(x, training=training)
 
     def get_config(self) -> dict:
@@ -116,6 +148,7 @@ class ImageCNNEncoder(keras.layers.Layer):
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
                 "augment": self.augment,
+                "colour_bins": self.colour_bins,
             }
         )
         return config
