@@ -156,9 +156,12 @@ def test_versions_increment_and_existing_versions_are_refused(exported):
     assert sorted(p.name for p in (base / "m").iterdir()) == ["1", "2"]  # no temp dirs left
 
 
-def test_ngram_tokenizer_augmentation_and_ensemble_export_and_match_the_model(synth_manifest, tmp_path):
-    """The n-gram tokenizer is core TF ops (passes the op check); augmentation is off in serving;
-    an ensemble exports as one model whose output is its members' average."""
+def test_ngram_tokenizer_augmentation_colours_and_ensemble_export_and_match_the_model(
+    synth_manifest, tmp_path
+):
+    """The n-gram tokenizer and the colour histogram are core TF ops (they pass the op check);
+    augmentation is off in serving; an ensemble exports as one model whose output is its
+    members' average."""
     config = tiny_config(
         f"data.manifest={synth_manifest}",
         f"train.output_dir={tmp_path / 'run'}",
@@ -168,6 +171,7 @@ def test_ngram_tokenizer_augmentation_and_ensemble_export_and_match_the_model(sy
         "model.modalities=[image,text]",
         "model.text_encoder.name=text/bow",
         "model.image_encoder.augment=true",
+        "model.image_encoder.colour_bins=4",
         "model.ensemble_size=2",
     )
     run = train(config, progress=False)
@@ -175,6 +179,7 @@ def test_ngram_tokenizer_augmentation_and_ensemble_export_and_match_the_model(sy
     path = tmp_path / "models" / "n" / "1"
     ops = export.graph_ops(path)
     assert "StringToHashBucketFast" in ops and "FastWordpieceTokenizeWithOffsets" not in ops
+    assert "OneHot" in ops  # the colour histogram
     config, metadata, model = load_trained_model(run)
     examples = tf.constant(_test_examples(run))
     from multimodal_tf.data.preprocessing import Preprocessor
