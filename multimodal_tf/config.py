@@ -40,6 +40,10 @@ class ImageConfig:
     width: int = 32
     channels: int = 3
     resize: str = "pad"  # "pad" keeps the aspect ratio, "stretch" does not
+    # Largest width x height decoded, read from the file header before
+    # decoding (in the serving graph too): a 76 KB PNG can declare
+    # 20000 x 20000 pixels and cost gigabytes to decode. 0 = no limit.
+    max_pixels: int = 4096 * 4096
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,19 @@ from multimodal_tf.config import TextConfig
 PAD, UNK = "[PAD]", "[UNK]"
 RESERVED_TOKENS = (PAD, UNK, "[CLS]", "[SEP]", "[MASK]")
 TOKENIZERS = ("wordpiece", "ngrams")
+# FastBertTokenizer's max_bytes_per_word: a longer word becomes one [UNK].
+MAX_BYTES_PER_WORD = 100
+
+
+def max_characters(config: TextConfig) -> int:
+    """Characters of a text that can reach its first ``max_tokens`` tokens.
+
+    Each kept token comes from a word of at most ``MAX_BYTES_PER_WORD`` bytes
+    (so as many characters) plus a separator, so cutting the text here
+    changes no token of ordinary text (long runs of separators aside), while
+    a 50 MB request costs no more than a short one.
+    """
+    return config.max_tokens * (MAX_BYTES_PER_WORD + 1)
 
 
 def vocabulary_size(config: TextConfig, vocabulary: Sequence[str]) -> int:
@@ -91,6 +104,7 @@ class TextTokenizer(tf.Module):
         else:
             self._tokenizer = tf_text.FastBertTokenizer(
                 vocab=self.vocabulary,
+                max_bytes_per_word=MAX_BYTES_PER_WORD,
                 token_out_type=tf.int64,
                 unknown_token=UNK,
                 lower_case_nfd_strip_accents=config.lower_case,
@@ -98,6 +112,8 @@ class TextTokenizer(tf.Module):
 
     def __call__(self, texts: tf.Tensor) -> tf.Tensor:
         """[B] UTF-8 strings -> [B, max_tokens] int64 ids (empty string -> zeros)."""
+        # Cut before the UTF-8 check and normalisation, which scan the whole text.
+        texts = tf.strings.substr(texts, 0, max_characters(self.config), unit="UTF8_CHAR")
         with tf.control_dependencies([check_utf8(texts)]):
             texts = tf.identity(texts)
         if self._tokenizer is None:

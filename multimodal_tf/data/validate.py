@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from pathlib import Path
 
 import tensorflow as tf
@@ -70,6 +71,13 @@ def _image_decoder(config: DataConfig):
     return _DECODERS[config.image]
 
 
+def _op_message(error: tf.errors.OpError) -> str:
+    """The first line of a TF error without its ``{{function_node ...}}`` and Assert wrapping."""
+    line = re.sub(r"\{\{[^}]*\}\}\s*", "", error.message.splitlines()[0]).strip()
+    match = re.fullmatch(r"assertion failed: \[(.*)\]", line)
+    return match.group(1) if match else line
+
+
 def _check_image(path: str, config: DataConfig) -> str | None:
     if not Path(path).is_file():
         return f"file not found: {path}"
@@ -77,7 +85,7 @@ def _check_image(path: str, config: DataConfig) -> str | None:
         # The same decode the training and serving graphs run.
         _image_decoder(config)(tf.constant(Path(path).read_bytes()))
     except tf.errors.OpError as e:
-        return f"cannot decode image: {e.message.splitlines()[0]}"
+        return f"cannot decode image: {_op_message(e)}"
     return None
 
 
