@@ -279,8 +279,11 @@ def load(
         paths: YAML files, applied in order.
         overrides: ``key.path=value`` strings.
         base: the config to start from instead of the defaults.
-        strict: False skips an override of a field that the chosen encoder or
-            fusion family lacks but another family takes (see ``replace``).
+        strict: False skips a field (in a file or an override) that the
+            chosen encoder or fusion family lacks but another family takes:
+            for search spaces over several families (see ``replace``) and
+            for configs saved before each family had its own config, which
+            held every family's fields.
 
     Raises:
         ConfigError: an unknown key or a bad value, naming its full key path
@@ -293,7 +296,7 @@ def load(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         try:
-            layered = merge(merged, loaded, ExperimentConfig, strict=True)
+            layered = merge(merged, loaded, ExperimentConfig, strict)
             from_dict(ExperimentConfig, layered)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
