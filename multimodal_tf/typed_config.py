@@ -146,7 +146,9 @@ def _default_name(field: dataclasses.Field) -> str:
 def _from_family_dict(base: type, data: Any, path: str, default_name: str) -> Any:
     """A family config under a one-of field: ``name`` (or the default) picks the class."""
     if isinstance(data, base):
-        family_config(base, data.name, path)  # a registered family
+        expected = family_config(base, data.name, path)
+        if type(data) is not expected:
+            raise ConfigError(f"{path}: {data.name!r} takes a {expected.__name__}, got {type(data).__name__}")
         return data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping, got {data!r}")
@@ -180,7 +182,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
 def _unknown_key_message(cls: type, key_path: str) -> str:
     names = ", ".join(sorted(_field_names(cls)))
     if issubclass(cls, OneOf):
-        family = dataclasses.fields(cls)[0].default  # the ``name`` field
+        family = cls.__dataclass_fields__["name"].default
         return f"unknown config key {key_path!r}: {family!r} takes only {names}"
     return f"unknown config key {key_path!r}; known: {names}"
 
