@@ -3,6 +3,14 @@
 Overrides are applied in a fixed order: dataclass defaults, then each YAML
 file in turn, then ``--set a.b=c`` strings. Unknown keys are errors that name
 the full key path, so a typo never silently falls back to a default.
+
+Encoders and fusion follow Model Garden's one-of pattern: each registered
+family declares its own config dataclass next to its layer (a subclass of
+:class:`EncoderConfig` or :class:`FusionConfig`), ``name`` selects the family
+and only that family's fields are accepted. When a later layer (YAML file or
+``--set``) switches a family, the fields the new family also takes carry
+over and the others are dropped. Enum-like strings and ranges are checked
+when a config is built, so a bad value fails at load, not when a layer is.
 """
 
 from __future__ import annotations
@@ -12,15 +20,32 @@ import hashlib
 import json
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from multimodal_tf.registry import ENCODERS, FUSIONS, Registry
+from multimodal_tf.typed_config import (  # noqa: F401  (ConfigError, from_dict, ... are part of this API)
+    Checked,
+    ConfigError,
+    ConfigFieldError,
+    OneOf,
+    default_family,
+    family_config,
+    from_dict,
+    merge,
+    merge_plain,
+    option,
+    to_dict,
+)
+
 MODALITIES = ("image", "text", "audio")
+HEAD_TYPES = ("multiclass", "binary", "multilabel")
+STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
-class ColumnsConfig:
+class ColumnsConfig(Checked):
     """Manifest column names."""
 
     id: str = "id"
@@ -33,39 +58,39 @@ class ColumnsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageConfig:
+class ImageConfig(Checked):
     """Image preprocessing: decode, resize (keeping aspect) and scale to [0, 1]."""
 
-    height: int = 32
-    width: int = 32
-    channels: int = 3
-    resize: str = "pad"  # "pad" keeps the aspect ratio, "stretch" does not
-    # Largest width x height decoded, read from the file header before
+    height: int = option(32, minimum=1)
+    width: int = option(32, minimum=1)
+    channels: int = option(3, choices=(1, 3))
+    resize: str = option("pad", choices=("pad", "stretch"))  # "pad" keeps the aspect ratio
+    # Largest height x width decoded, read from the file header before
     # decoding (in the serving graph too): a 76 KB PNG can declare
     # 20000 x 20000 pixels and cost gigabytes to decode. 0 = no limit.
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = option(4096 * 4096, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(Checked):
     """Text preprocessing: normalise, tokenize, pad/truncate."""
 
-    max_tokens: int = 16
+    max_tokens: int = option(16, minimum=1)
     # "wordpiece": ids from the WordPiece vocabulary built at conversion.
     # "ngrams": hashed words + character n-grams (fastText-style); generalises
     # to unseen words of short texts (names, labels) where WordPiece cannot.
-    tokenizer: str = "wordpiece"
+    tokenizer: str = option("wordpiece", choices=("wordpiece", "ngrams"))
     vocab_size: int = 2000  # wordpiece: target size for the vocabulary built at conversion
     ngram_range: tuple[int, int] = (2, 4)  # ngrams: character n-gram lengths (inclusive)
     hash_buckets: int = 20000  # ngrams: ids are 1..hash_buckets (0 = padding)
     lower_case: bool = True
     # "auto": a cell that names an existing *.txt file is read from it;
     # "inline": the cell is the text; "path": the cell is always a file path.
-    source: str = "auto"
+    source: str = option("auto", choices=("auto", "inline", "path"))
 
 
 @dataclasses.dataclass(frozen=True)
-class AudioConfig:
+class AudioConfig(Checked):
     """Audio preprocessing: WAV -> mono -> fixed duration -> log-mel."""
 
     sample_rate: int = 16000
@@ -79,7 +104,7 @@ class AudioConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Checked):
     """Where the data is and how every modality is preprocessed."""
 
     manifest: str = ""
@@ -94,105 +119,118 @@ class DataConfig:
     # Share of the train split held out as "val" when the manifest has no
     # val/validation split (chosen by a hash of the id, so it is stable).
     validation_fraction: float = 0.1
-    batch_size: int = 64
+    batch_size: int = option(64, minimum=1)
     shuffle_buffer: int = 2048
     cache: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-    """One modality encoder, chosen from the ENCODERS registry by ``name``."""
+class EncoderConfig(OneOf):
+    """What every encoder family's config has; ``name`` picks the family (ENCODERS).
 
-    name: str = ""
-    width: int = 32  # filters / units of the first block
-    depth: int = 2  # conv blocks or recurrent layers
-    output_dim: int = 64
-    dropout_rate: float = 0.1
-    embedding_dim: int = 32  # text only
-    bidirectional: bool = False  # recurrent encoders only
-    augment: bool = False  # image/cnn only: random flips, shifts, zooms while training
-    colour_bins: int = 0  # image/cnn only: levels per channel of a colour histogram beside the CNN (0 = none)
-    linear: bool = False  # text/bow only: fastText's mean embedding, no max pool or projection
-    checkpoint: str = ""  # local pretrained weights (never downloaded)
+    Each family subclasses this next to its layer (e.g. ``ImageCNNConfig`` in
+    encoders/image.py) with the fields its layer takes.
+    """
+
+    registry: ClassVar[Registry] = ENCODERS
+    families_package: ClassVar[str] = "multimodal_tf.encoders"
+    common: ClassVar[tuple[str, ...]] = ("name", "checkpoint")
+
+    checkpoint: str = ""  # local pretrained weights of this encoder (never downloaded)
 
 
 @dataclasses.dataclass(frozen=True)
-class FusionConfig:
-    """How encoded modalities are combined (FUSIONS registry)."""
+class FusionConfig(OneOf):
+    """What every fusion family's config has; ``name`` picks the family (FUSIONS).
 
-    name: str = "concat"
-    hidden_dim: int = 64
-    num_heads: int = 4
-    rank: int = 4  # tensor fusion only
-    combine: str = "mean"  # late fusion only: mean of probabilities | product (sum of logits)
-    dropout_rate: float = 0.1
+    Each family subclasses this next to its layer (e.g. ``LateFusionConfig``
+    in fusion/late.py) with the fields its layer takes.
+    """
+
+    registry: ClassVar[Registry] = FUSIONS
+    families_package: ClassVar[str] = "multimodal_tf.fusion"
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadConfig:
+class HeadConfig(Checked):
     """Classifier head on top of the fused representation."""
 
-    type: str = "multiclass"  # multiclass | binary | multilabel
+    type: str = option("multiclass", choices=HEAD_TYPES)
     hidden_units: tuple[int, ...] = (64,)
-    dropout_rate: float = 0.2
+    dropout_rate: float = option(0.2, minimum=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModalityDropoutConfig:
+class ModalityDropoutConfig(Checked):
     """Probability, per training example, of hiding each modality."""
 
-    image: float = 0.0
-    text: float = 0.0
-    audio: float = 0.0
+    image: float = option(0.0, minimum=0.0)
+    text: float = option(0.0, minimum=0.0)
+    audio: float = option(0.0, minimum=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """The model: which modalities, their encoders, fusion and head."""
 
     modalities: tuple[str, ...] = MODALITIES
-    image_encoder: EncoderConfig = EncoderConfig(name="image/cnn")
-    text_encoder: EncoderConfig = EncoderConfig(name="text/lstm")
-    audio_encoder: EncoderConfig = EncoderConfig(name="audio/cnn")
-    fusion: FusionConfig = FusionConfig()
+    image_encoder: EncoderConfig = default_family(EncoderConfig, "image/cnn")
+    text_encoder: EncoderConfig = default_family(EncoderConfig, "text/lstm")
+    audio_encoder: EncoderConfig = default_family(EncoderConfig, "audio/cnn")
+    fusion: FusionConfig = default_family(FusionConfig, "concat")
     head: HeadConfig = HeadConfig()
     modality_dropout: ModalityDropoutConfig = ModalityDropoutConfig()
-    num_classes: int = 0  # 0: taken from the dataset metadata
+    num_classes: int = option(0, minimum=0)  # 0: taken from the dataset metadata
     # Members of a deep ensemble (1 = a single model): independently
     # initialised copies of the whole model, each trained on its own loss,
     # whose probabilities are averaged (models.EnsembleModel).
-    ensemble_size: int = 1
+    ensemble_size: int = option(1, minimum=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if not self.modalities or unknown or len(set(self.modalities)) != len(self.modalities):
+            raise ConfigFieldError(
+                "modalities", f"expected distinct names from {list(MODALITIES)}, got {list(self.modalities)}"
+            )
+        for modality in MODALITIES:
+            name = getattr(self, f"{modality}_encoder").name
+            if not name.startswith(f"{modality}/"):
+                raise ConfigFieldError(
+                    f"{modality}_encoder.name",
+                    f"must name a '{modality}/...' encoder, got {name!r}",
+                )
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
     """Optimisation, strategy and outputs of ``mmtf train``."""
 
     output_dir: str = "runs/demo"
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    lr_schedule: str = "cosine"  # cosine | constant | plateau
-    optimizer: str = "adam"  # adam | adamw | sgd
-    weight_decay: float = 0.0
+    epochs: int = option(10, minimum=1)
+    learning_rate: float = option(1e-3, minimum=0.0)
+    lr_schedule: str = option("cosine", choices=("cosine", "constant", "plateau"))
+    optimizer: str = option("adam", choices=("adam", "adamw", "sgd"))
+    weight_decay: float = option(0.0, minimum=0.0)
     # Polyak averaging of the weights (0 = off): validation, checkpoints and
     # the final model use the average, which varies less between epochs.
-    ema_momentum: float = 0.0
-    early_stopping_patience: int = 5  # 0 disables early stopping
+    ema_momentum: float = option(0.0, minimum=0.0)
+    early_stopping_patience: int = option(5, minimum=0)  # 0 disables early stopping
     monitor: str = "val_accuracy"
-    class_weights: str = "none"  # none | balanced
-    strategy: str = "default"  # default | mirrored | multi_worker | parameter_server | tpu
+    class_weights: str = option("none", choices=("none", "balanced"))
+    strategy: str = option("default", choices=STRATEGIES)
     tpu: str = ""
-    mixed_precision: str = ""  # "" | mixed_float16 | mixed_bfloat16
+    mixed_precision: str = option("", choices=("", "mixed_float16", "mixed_bfloat16"))
     jit_compile: bool = False
     seed: int = 42
-    steps_per_execution: int = 1
+    steps_per_execution: int = option(1, minimum=1)
     backup_dir: str = ""  # BackupAndRestore dir; empty: <output_dir>/backup
     scale_learning_rate: bool = False  # multiply LR by the number of replicas
     verbose: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Checked):
     """Where ``mmtf export`` writes versioned SavedModels."""
 
     base_path: str = "models"
@@ -200,96 +238,16 @@ class ExportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
+class ExperimentConfig(Checked):
     """Everything one experiment needs; saved next to checkpoints and exports."""
 
     name: str = "experiment"
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     # Keras Tuner search space: hyperparameter name -> spec dict (see tuning.py).
     search_space: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-class ConfigError(ValueError):
-    """Raised for unknown keys or values of the wrong type."""
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, path)
-    if origin is tuple:
-        if isinstance(value, str | int | float):
-            value = [value]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        item = typing.get_args(hint)[0]
-        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Builds dataclass ``cls`` from a mapping, rejecting unknown keys."""
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        key_path = f"{path}.{key}" if path else key
-        if key not in names:
-            raise ConfigError(f"unknown config key {key_path!r}; known: {', '.join(sorted(names))}")
-        kwargs[key] = _coerce(value, hints[key], key_path)
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict:
-    """Plain nested dict (tuples become lists) for YAML/JSON."""
-
-    def convert(value):
-        if dataclasses.is_dataclass(value):
-            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, tuple | list):
-            return [convert(v) for v in value]
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
-
-    return convert(config)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "search_space":
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def parse_override(text: str) -> dict:
@@ -298,7 +256,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) is False and value is None:
+    if value is None:
         value = ""
     nested: dict = {}
     node = nested
@@ -313,27 +271,57 @@ def load(
     paths: typing.Sequence[str | Path] = (),
     overrides: typing.Sequence[str] = (),
     base: ExperimentConfig | None = None,
+    strict: bool = True,
 ) -> ExperimentConfig:
-    """Resolves a config: defaults (or ``base``) -> YAML files -> overrides."""
-    merged = to_dict(base or ExperimentConfig())
+    """Resolves a config: defaults (or ``base``) -> YAML files -> overrides.
+
+    Each YAML file is one layer, and all ``overrides`` together are the last
+    one (so ``--set model.fusion.rank=8 --set model.fusion.name=tensor``
+    works in either order).
+
+    Args:
+        paths: YAML files, applied in order.
+        overrides: ``key.path=value`` strings.
+        base: the config to start from instead of the defaults.
+        strict: False skips a field (in a file or an override) that the
+            chosen encoder or fusion family lacks but another family takes:
+            for search spaces over several families (see ``replace``) and
+            for configs saved before each family had its own config, which
+            held every family's fields.
+
+    Raises:
+        ConfigError: an unknown key or a bad value, naming its full key path
+            (and the YAML file it came from).
+    """
+    merged = to_dict(base) if base is not None else {}
     for path in paths:
         with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         try:
-            from_dict(ExperimentConfig, _merge(merged, loaded))
+            layered = merge(merged, loaded, ExperimentConfig, strict)
+            from_dict(ExperimentConfig, layered)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-        merged = _merge(merged, loaded)
+        merged = layered
+    update: dict = {}
     for text in overrides:
-        merged = _merge(merged, parse_override(text))
-    return from_dict(ExperimentConfig, merged)
+        update = merge_plain(update, parse_override(text))
+    return from_dict(ExperimentConfig, merge(merged, update, ExperimentConfig, strict))
 
 
-def replace(config: ExperimentConfig, overrides: typing.Sequence[str]) -> ExperimentConfig:
-    """Applies ``--set``-style overrides to an already resolved config."""
-    return load((), overrides, base=config)
+def replace(
+    config: ExperimentConfig, overrides: typing.Sequence[str], strict: bool = True
+) -> ExperimentConfig:
+    """Applies ``--set``-style overrides to an already resolved config.
+
+    ``strict=False`` is for a search space over several families (tuning):
+    ``model.fusion.dropout_rate`` is then skipped for a trial that picked
+    ``concat``, which has no dropout, instead of failing the trial. A key
+    that no family takes is still an error.
+    """
+    return load((), overrides, base=config, strict=strict)
 
 
 def save(config: ExperimentConfig, path: str | Path) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import MODALITIES, EncoderConfig, ExperimentConfig, ModelConfig
+from multimodal_tf.config import HEAD_TYPES, MODALITIES, EncoderConfig, ExperimentConfig, ModelConfig
 from multimodal_tf.data import features
 from multimodal_tf.encoders import build_encoder, load_encoder_checkpoint
 from multimodal_tf.fusion import build_fusion
 
 OUTPUT_NAME = "probabilities"
-HEAD_TYPES = ("multiclass", "binary", "multilabel")
 
 
 @keras.utils.register_keras_serializable(package="multimodal_tf")
@@ -108,13 +107,8 @@ def output_units(head_type: str, num_classes: int) -> tuple[int, str]:
 
 
 def encoder_config(model_config: ModelConfig, modality: str) -> EncoderConfig:
-    """The encoder config of ``modality``, checked to name an encoder for it."""
-    config = getattr(model_config, f"{modality}_encoder")
-    if not config.name.startswith(f"{modality}/"):
-        raise ValueError(
-            f"model.{modality}_encoder.name must name a {modality} encoder ('{modality}/...'), got {config.name!r}"
-        )
-    return config
+    """The encoder config of ``modality`` (its family was checked when the config was built)."""
+    return getattr(model_config, f"{modality}_encoder")
 
 
 def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> keras.Model:

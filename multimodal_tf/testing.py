@@ -1,6 +1,8 @@
-"""Shared helpers for tests: tiny configs and random inputs of the right specs."""
+"""Shared helpers for tests: tiny configs, random inputs of the right specs, the layer test."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -9,6 +11,8 @@ from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data import features
 
 # Widths 8-16, 16 px images, 8 tokens, 0.25 s audio: runs the real code fast.
+# Valid ``--set`` overrides of the default config (whose fusion, concat, has
+# no fields); tiny_config adds TINY_FUSION for the fusion family it ends with.
 TINY_OVERRIDES = (
     "data.image.height=16",
     "data.image.width=16",
@@ -24,17 +28,30 @@ TINY_OVERRIDES = (
     "model.text_encoder.depth=1",  # each LSTM layer costs seconds of graph tracing
     "model.audio_encoder.width=8",
     "model.audio_encoder.output_dim=16",
-    "model.fusion.hidden_dim=16",
-    "model.fusion.num_heads=2",
     "model.head.hidden_units=[16]",
     "train.epochs=1",
     "train.verbose=0",
 )
 
 
+TINY_FUSION = {"hidden_dim": 16, "num_heads": 2}
+
+
 def tiny_config(*overrides: str, base: ExperimentConfig | None = None) -> ExperimentConfig:
-    """A small experiment config; extra ``key=value`` overrides win."""
-    return config_lib.load((), TINY_OVERRIDES + tuple(overrides), base=base)
+    """A small experiment config; extra ``key=value`` overrides win.
+
+    The tiny sizes are one layer and ``overrides`` the next, so an override
+    that switches an encoder's family keeps the tiny sizes the new family
+    also takes (e.g. ``output_dim``); TINY_FUSION is applied to whichever
+    fusion family the overrides choose, where that family has the field.
+    """
+    tiny = config_lib.load((), TINY_OVERRIDES, base=base)
+    fusion = config_lib.load((), overrides, base=tiny).model.fusion
+    fields = {f.name for f in dataclasses.fields(fusion)}
+    sizes = [f"model.fusion.{key}={value}" for key, value in TINY_FUSION.items() if key in fields]
+    if sizes:
+        tiny = config_lib.load((), [f"model.fusion.name={fusion.name}", *sizes], base=tiny)
+    return config_lib.load((), overrides, base=tiny)
 
 
 def random_features(config: ExperimentConfig, batch_size: int = 4, seed: int = 0, vocab_size: int = 50):
@@ -84,3 +101,94 @@ def assert_config_round_trip(layer) -> None:
         raise AssertionError(
             f"{layer.name}: config changed in a round trip:\n{config}\n{restored.get_config()}"
         )
+
+
+def _as_plain(value):
+    """Tuples as lists (as ``get_config`` stores them), recursively."""
+    if isinstance(value, tuple | list):
+        return [_as_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    return value
+
+
+def run_layer_test(
+    layer_class: type,
+    init_kwargs: dict,
+    inputs: tuple,
+    expected_output_shape: tuple,
+    *,
+    training_check: bool = True,
+):
+    """The standard checks of one of our layers (keras-hub's ``run_layer_test``).
+
+    Checks that:
+
+    - ``layer_class(**init_kwargs)`` called on ``inputs`` (training and not)
+      returns finite floats of ``expected_output_shape``;
+    - ``get_config`` records every init argument with its value and
+      ``from_config`` reproduces the config, so no argument is accepted and
+      then dropped;
+    - ``keras.layers.serialize``/``deserialize`` (by the registered name, as
+      a SavedModel stores it) rebuilds a layer that computes the same
+      outputs from the same weights;
+    - with ``training_check``: every trainable weight gets a gradient, and
+      one ``fit`` step of a functional model around the layer has a finite
+      loss.
+
+    Args:
+        layer_class: the layer class (registered as Keras serializable).
+        init_kwargs: constructor arguments.
+        inputs: the positional call arguments: tensors or dicts of tensors
+            (a fusion layer takes ``(embeddings, presence)``).
+        expected_output_shape: the output shape, batch dimension included.
+        training_check: False for layers without weights.
+
+    Returns:
+        The built layer, for further checks.
+    """
+    from multimodal_tf.compat import keras, tf  # noqa: PLC0415  (keeps this module light)
+
+    layer = layer_class(**init_kwargs)
+    for training in (False, True):
+        output = layer(*inputs, training=training)
+        if tuple(output.shape) != tuple(expected_output_shape) or not np.isfinite(output.numpy()).all():
+            raise AssertionError(
+                f"{layer.name}: output {output.shape} (finite: {np.isfinite(output.numpy()).all()}),"
+                f" expected {expected_output_shape}"
+            )
+    config = layer.get_config()
+    dropped = {k: v for k, v in init_kwargs.items() if _as_plain(config.get(k)) != _as_plain(v)}
+    if dropped:
+        raise AssertionError(f"{layer.name}: get_config lacks or changed init arguments {dropped}: {config}")
+    assert_config_round_trip(layer)
+
+    restored = keras.layers.deserialize(keras.layers.serialize(layer))
+    if type(restored) is not layer_class:
+        raise AssertionError(f"deserialized a {type(restored).__name__}, not a {layer_class.__name__}")
+    restored(*inputs)
+    restored.set_weights(layer.get_weights())
+    np.testing.assert_allclose(
+        restored(*inputs, training=False).numpy(), layer(*inputs, training=False).numpy(), atol=1e-6
+    )
+    if training_check:
+        _check_training(layer, inputs, keras, tf)
+    return layer
+
+
+def _check_training(layer, inputs: tuple, keras, tf) -> None:
+    """Every trainable weight gets a gradient; one fit step has a finite loss."""
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(tf.cast(layer(*inputs, training=True), tf.float32)))
+    gradients = tape.gradient(loss, layer.trainable_weights)
+    missing = [w.name for w, g in zip(layer.trainable_weights, gradients, strict=True) if g is None]
+    if not layer.trainable_weights or missing:
+        raise AssertionError(f"{layer.name}: no gradient for {missing or 'any weight (none trainable)'}")
+    symbolic = tf.nest.map_structure(lambda x: keras.Input(x.shape[1:], dtype=x.dtype), inputs)
+    model = keras.Model(tf.nest.flatten(symbolic), layer(*symbolic))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", run_eagerly=True)
+    data = [np.asarray(x) for x in tf.nest.flatten(inputs)]
+    target = np.zeros(model.output_shape[1:], np.float32)[None].repeat(len(data[0]), axis=0)
+    history = model.fit(data, target, batch_size=len(data[0]), epochs=1, verbose=0)
+    if not np.isfinite(history.history["loss"][-1]):
+        raise AssertionError(f"{layer.name}: fit step loss {history.history['loss'][-1]}")

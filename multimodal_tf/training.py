@@ -233,7 +233,8 @@ def load_run(run_dir: str | Path) -> tuple[ExperimentConfig, DatasetMetadata]:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    config = config_lib.load([run_dir / CONFIG_FILE])
+    # strict=False: runs saved before per-family configs hold every family's fields.
+    config = config_lib.load([run_dir / CONFIG_FILE], strict=False)
     return config, DatasetMetadata.load(run_dir)
 
 

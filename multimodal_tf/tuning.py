@@ -121,11 +121,15 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def apply_values(config: ExperimentConfig, space: dict, values: dict) -> ExperimentConfig:
-    """The config with each hyperparameter's value written to its key(s)."""
+    """The config with each hyperparameter's value written to its key(s).
+
+    A key of a field that the trial's encoder or fusion family lacks (e.g.
+    ``model.fusion.dropout_rate`` when ``concat`` is chosen) is skipped.
+    """
     overrides = [
         f"{key}={_yaml_scalar(values[name])}" for name, spec in space.items() for key in _keys(name, spec)
     ]
-    return config_lib.replace(config, overrides)
+    return config_lib.replace(config, overrides, strict=False)
 
 
 class MultimodalHyperModel(kt.HyperModel):

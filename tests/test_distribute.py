@@ -58,7 +58,6 @@ def test_mirrored_over_two_cpus_gives_the_default_loss_for_one_step(synth_manife
         f"data.manifest={synth_manifest}",
         "model.modalities=[text]",
         "model.text_encoder.dropout_rate=0.0",
-        "model.fusion.dropout_rate=0.0",
         "model.head.dropout_rate=0.0",
     )
     metadata = prepare_data(config, progress=False)

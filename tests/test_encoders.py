@@ -1,35 +1,46 @@
-"""Encoders: output shapes, config round trips, absent inputs, one fit step each."""
+"""Encoders: the shared layer test, absent inputs, what each computes, one fit step each."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
+from multimodal_tf import config as config_lib
 from multimodal_tf import encoders, models, testing
-from multimodal_tf.compat import tf
-from multimodal_tf.config import EncoderConfig
+from multimodal_tf.compat import keras, tf
 from multimodal_tf.registry import ENCODERS
 
 BATCH = 4
 # Text and audio LSTMs at depth 1: tracing each LSTM layer costs seconds.
 CONFIGS = {
-    "image/cnn": EncoderConfig(name="image/cnn", width=8, depth=2, output_dim=16),
-    "image/cnn colour": EncoderConfig(name="image/cnn", width=8, depth=2, output_dim=16, colour_bins=4),
-    "text/lstm": EncoderConfig(name="text/lstm", width=8, depth=1, output_dim=16, embedding_dim=8),
-    "text/bow": EncoderConfig(name="text/bow", output_dim=16, embedding_dim=8),
-    "text/bow linear": EncoderConfig(name="text/bow", embedding_dim=16, linear=True),
-    "audio/cnn": EncoderConfig(name="audio/cnn", width=8, depth=2, output_dim=16),
-    "audio/lstm": EncoderConfig(name="audio/lstm", width=8, depth=1, output_dim=16),
-    "audio/stats": EncoderConfig(name="audio/stats", width=8, depth=2, output_dim=16),
+    "image/cnn": encoders.ImageCNNConfig(width=8, depth=2, output_dim=16),
+    "image/cnn colour": encoders.ImageCNNConfig(width=8, depth=2, output_dim=16, colour_bins=4),
+    "text/lstm": encoders.TextLSTMConfig(width=8, depth=1, output_dim=16, embedding_dim=8),
+    "text/bow": encoders.TextBagOfEmbeddingsConfig(output_dim=16, embedding_dim=8),
+    "text/bow linear": encoders.TextBagOfEmbeddingsConfig(embedding_dim=16, output_dim=16, linear=True),
+    "audio/cnn": encoders.AudioCNNConfig(width=8, depth=2, output_dim=16),
+    "audio/lstm": encoders.AudioLSTMConfig(width=8, depth=1, output_dim=16),
+    "audio/stats": encoders.AudioStatsConfig(width=8, depth=2, output_dim=16),
+}
+# What the layer test turns on beyond CONFIGS, so every argument is exercised.
+LAYER_TEST_CHANGES = {
+    "image/cnn colour": {"augment": True},
+    "text/lstm": {"bidirectional": True},
+    "audio/lstm": {"bidirectional": True},
 }
 INPUT_SHAPES = {"image": (16, 16, 3), "text": (8,), "audio": (23, 16)}
 VOCAB_SIZE = 50
 
 
+def _extra(name: str) -> dict:
+    return {"vocab_size": VOCAB_SIZE} if name.startswith("text/") else {}
+
+
 def make_encoder(name: str, **changes):
-    config = EncoderConfig(**{**CONFIGS[name].__dict__, **changes})
-    extra = {"vocab_size": VOCAB_SIZE} if name.startswith("text/") else {}
-    return encoders.build_encoder(config, name="encoder", **extra)
+    config = dataclasses.replace(CONFIGS[name], **changes)
+    return encoders.build_encoder(config, name="encoder", **_extra(name))
 
 
 def make_input(name: str, seed: int = 0) -> tf.Tensor:
@@ -56,25 +67,36 @@ def test_registry_keys():
 
 def test_unknown_encoder_lists_known_ones():
     with pytest.raises(KeyError, match="image/cnn"):
-        encoders.build_encoder(EncoderConfig(name="image/resnet9000"))
+        ENCODERS.get("image/resnet9000")
+    with pytest.raises(config_lib.ConfigError, match="model.image_encoder.name: unknown encoder.*image/cnn"):
+        config_lib.load([], ["model.image_encoder.name=image/resnet9000"])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_output_shape_and_finite(name):
-    encoder = make_encoder(name)
-    for training in (False, True):
-        output = encoder(make_input(name), training=training)
-        assert output.shape == (BATCH, 16)
-        assert np.isfinite(output.numpy()).all()
+def test_layer(name):
+    """Shapes, config round trip, serialization, gradients and a fit step (testing.run_layer_test)."""
+    config = dataclasses.replace(CONFIGS[name], **LAYER_TEST_CHANGES.get(name, {}))
+    testing.run_layer_test(
+        ENCODERS.get(config.name),
+        {**config.layer_arguments(), **_extra(name), "name": "encoder"},
+        (make_input(name),),
+        (BATCH, 16),
+    )
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_config_round_trip(name):
-    encoder = make_encoder(name, bidirectional=True)
-    encoder(make_input(name))
-    testing.assert_config_round_trip(encoder)
-    restored = type(encoder).from_config(encoder.get_config())
-    assert restored(make_input(name)).shape == (BATCH, 16)
+def test_every_family_config_is_its_layers_arguments():
+    """A family's config fields are exactly the arguments its layer records: none unused, none missing."""
+    for key in ENCODERS.keys():
+        config = ENCODERS.config(key)()
+        layer = encoders.build_encoder(config, **_extra(key))
+        recorded = set(layer.get_config()) - set(keras.layers.Layer().get_config()) - {"vocab_size"}
+        assert recorded == set(config.layer_arguments()), key
+        assert all(layer.get_config()[k] == v for k, v in config.layer_arguments().items()), key
+
+
+def test_build_encoder_needs_the_family_config():
+    with pytest.raises(TypeError, match="AudioLSTMConfig"):
+        encoders.build_encoder(dataclasses.replace(encoders.AudioCNNConfig(), name="audio/lstm"))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -197,7 +219,9 @@ def test_colour_bins_see_the_palette_not_the_layout():
     assert not np.allclose(encoder(recoloured, training=False).numpy(), expected)
     assert type(encoder).from_config(encoder.get_config()).colour_bins == 4
     with pytest.raises(ValueError, match="colour_bins"):
-        make_encoder("image/cnn", colour_bins=1)
+        encoders.ImageCNNEncoder(colour_bins=1)
+    with pytest.raises(config_lib.ConfigError, match="model.image_encoder.colour_bins: must be 0"):
+        config_lib.load([], ["model.image_encoder.colour_bins=1"])
 
 
 def test_encoder_checkpoint_round_trip(tmp_path):

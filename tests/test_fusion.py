@@ -1,13 +1,15 @@
-"""Fusion layers: shapes, config round trips, presence masking, one fit step each."""
+"""Fusion layers: the shared layer test, presence masking, what each computes, one fit step each."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
+from multimodal_tf import config as config_lib
 from multimodal_tf import fusion, models, testing
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import FusionConfig
 from multimodal_tf.registry import FUSIONS
 
 NAMES = ("concat", "weighted_sum", "gated", "attention", "late", "tensor")
@@ -32,10 +34,24 @@ PRESENCE = {
 }
 
 
+# Each family's tiny settings: its config takes only its own fields.
+SETTINGS = {"hidden_dim": HIDDEN_DIM, "num_heads": 2, "rank": 3, "dropout_rate": 0.1}
+
+
+def family_config(name: str, **changes):
+    """``name``'s config with the SETTINGS it takes, then ``changes``."""
+    config_class = FUSIONS.config(name)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: v for k, v in SETTINGS.items() if k in fields}, **changes)
+
+
 def make_fusion(name: str, modalities=MODALITIES, **changes):
-    config = FusionConfig(name=name, hidden_dim=HIDDEN_DIM, num_heads=2, rank=3, dropout_rate=0.1, **changes)
     return fusion.build_fusion(
-        config, modalities, num_outputs=NUM_CLASSES, output_activation="softmax", name="fusion"
+        family_config(name, **changes),
+        modalities,
+        num_outputs=NUM_CLASSES,
+        output_activation="softmax",
+        name="fusion",
     )
 
 
@@ -50,23 +66,58 @@ def test_registry_keys():
     assert set(FUSIONS.keys()) >= set(NAMES)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_output_shape_and_finite(name):
-    layer = make_fusion(name)
-    embeddings, presence = make_inputs()
-    for training in (False, True):
-        output = layer(embeddings, presence, training=training)
-        assert output.shape == (BATCH, OUTPUT_DIMS[name])
-        assert np.isfinite(output.numpy()).all()
+@pytest.mark.parametrize("name,changes", [(n, {}) for n in NAMES] + [("late", {"combine": "product"})])
+def test_layer(name, changes):
+    """Shapes, config round trip, serialization, gradients and a fit step (testing.run_layer_test)."""
+    fusion_class = FUSIONS.get(name)
+    extra = (
+        {"num_outputs": NUM_CLASSES, "output_activation": "softmax"}
+        if fusion_class.produces_probabilities
+        else {}
+    )
+    testing.run_layer_test(
+        fusion_class,
+        {
+            "modalities": MODALITIES,
+            **family_config(name, **changes).layer_arguments(),
+            **extra,
+            "name": "fusion",
+        },
+        make_inputs(),
+        (BATCH, OUTPUT_DIMS[name]),
+        training_check=name != "concat",  # no weights
+    )
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_config_round_trip(name):
-    layer = make_fusion(name)
-    layer(*make_inputs())
-    testing.assert_config_round_trip(layer)
-    restored = type(layer).from_config(layer.get_config())
-    assert restored(*make_inputs()).shape == (BATCH, OUTPUT_DIMS[name])
+def test_every_family_config_is_its_layers_arguments():
+    """A family's config fields are exactly the arguments its layer records: none unused, none missing."""
+    standard = set(keras.layers.Layer().get_config()) | {"modalities", "num_outputs", "output_activation"}
+    for name in FUSIONS.keys():
+        config = FUSIONS.config(name)()
+        layer = fusion.build_fusion(config, MODALITIES, num_outputs=2, output_activation="sigmoid")
+        assert set(layer.get_config()) - standard == set(config.layer_arguments()), name
+        assert all(layer.get_config()[k] == v for k, v in config.layer_arguments().items()), name
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.fusion.rank=3", "'model.fusion.rank': 'concat' takes only name"),
+        (
+            "model.fusion={name: late, rank: 3}",
+            "'model.fusion.rank': 'late' takes only combine, dropout_rate",
+        ),
+        ("model.fusion={name: late, combine: median}", "model.fusion.combine: expected one of"),
+        (
+            "model.fusion={name: attention, hidden_dim: 10, num_heads: 4}",
+            "model.fusion.num_heads: must divide",
+        ),
+        ("model.fusion={name: tensor, rank: 0}", "model.fusion.rank: must be >= 1"),
+    ],
+)
+def test_fusion_config_rejects_what_the_family_does_not_take(override, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace("{", r"\{")):
+        config_lib.load([], [override])
 
 
 @pytest.mark.parametrize("name,changes", [(n, {}) for n in NAMES] + [("late", {"combine": "product"})])
@@ -103,7 +154,7 @@ def test_one_present_modality_takes_all_the_weight(name):
 
 def test_late_fusion_with_linear_heads():
     """hidden_dim=0: each modality's head is its classifier on the embedding itself."""
-    config = FusionConfig(name="late", hidden_dim=0)
+    config = fusion.LateFusionConfig(hidden_dim=0)
     layer = fusion.build_fusion(config, MODALITIES, num_outputs=NUM_CLASSES, output_activation="softmax")
     embeddings, presence = make_inputs()
     output = layer(embeddings, presence, training=False).numpy()
@@ -117,15 +168,15 @@ def test_late_fusion_with_linear_heads():
     testing.assert_config_round_trip(layer)
     assert type(layer).from_config(layer.get_config())(embeddings, presence).shape == output.shape
     with pytest.raises(ValueError, match="hidden_dim"):
-        fusion.build_fusion(
-            FusionConfig(name="late", hidden_dim=-1), MODALITIES, num_outputs=3, output_activation="softmax"
-        )
+        fusion.LateFusion(MODALITIES, num_outputs=3, hidden_dim=-1)
+    with pytest.raises(config_lib.ConfigError, match="model.fusion.hidden_dim: must be >= 0"):
+        config_lib.load([], ["model.fusion.name=late", "model.fusion.hidden_dim=-1"])
 
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_late_fusion_combinations(activation):
     """mean: weighted mean of the heads' probabilities; product: activation of the weighted logit sum."""
-    config = FusionConfig(name="late", hidden_dim=HIDDEN_DIM, combine="product")
+    config = fusion.LateFusionConfig(hidden_dim=HIDDEN_DIM, combine="product")
     product = fusion.build_fusion(config, MODALITIES, num_outputs=NUM_CLASSES, output_activation=activation)
     embeddings, presence = make_inputs()
     product(embeddings, presence)
@@ -157,12 +208,7 @@ def test_late_fusion_combinations(activation):
     np.testing.assert_allclose(product(embeddings, image_only).numpy(), act(logits[:, 0]).numpy(), atol=1e-5)
     np.testing.assert_allclose(product(embeddings, presence).numpy()[-1], prior, atol=1e-6)
     with pytest.raises(ValueError, match="combine"):
-        fusion.build_fusion(
-            FusionConfig(name="late", combine="median"),
-            MODALITIES,
-            num_outputs=3,
-            output_activation=activation,
-        )
+        fusion.LateFusion(MODALITIES, num_outputs=3, output_activation=activation, combine="median")
 
 
 def test_attention_keras_saved_model_round_trip(tmp_path):
@@ -187,7 +233,7 @@ def test_late_fusion_outputs_probabilities():
     np.testing.assert_allclose(output.sum(axis=-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(output[-1], 1.0 / NUM_CLASSES, atol=1e-6)  # no modality present
     with pytest.raises(ValueError, match="num_outputs"):
-        fusion.build_fusion(FusionConfig(name="late"), MODALITIES)
+        fusion.build_fusion(fusion.LateFusionConfig(), MODALITIES)
 
 
 def test_masked_softmax_ignores_absent_modalities():

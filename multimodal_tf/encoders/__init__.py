@@ -1,26 +1,46 @@
 """Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
 
 Importing this package registers ``image/cnn``, ``text/lstm``, ``text/bow``,
-``audio/cnn``, ``audio/lstm`` and ``audio/stats``. Each encoder is a Keras layer mapping one preprocessed
-modality (see ``data.features.model_feature_specs``) to a [B, output_dim]
-embedding.
+``audio/cnn``, ``audio/lstm`` and ``audio/stats``, each with its config class
+(``ImageCNNConfig``, ...: the layer's constructor arguments, which are the
+only fields ``model.<modality>_encoder`` accepts for that family). Each
+encoder is a Keras layer mapping one preprocessed modality (see
+``data.features.model_feature_specs``) to a [B, output_dim] embedding.
 """
 
 from __future__ import annotations
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import EncoderConfig
-from multimodal_tf.encoders.audio import AudioCNNEncoder, AudioLSTMEncoder, AudioStatsEncoder
-from multimodal_tf.encoders.image import ImageCNNEncoder
-from multimodal_tf.encoders.text import TextBagOfEmbeddingsEncoder, TextLSTMEncoder
+from multimodal_tf.encoders.audio import (
+    AudioCNNConfig,
+    AudioCNNEncoder,
+    AudioLSTMConfig,
+    AudioLSTMEncoder,
+    AudioStatsConfig,
+    AudioStatsEncoder,
+)
+from multimodal_tf.encoders.image import ImageCNNConfig, ImageCNNEncoder
+from multimodal_tf.encoders.text import (
+    TextBagOfEmbeddingsConfig,
+    TextBagOfEmbeddingsEncoder,
+    TextLSTMConfig,
+    TextLSTMEncoder,
+)
 from multimodal_tf.registry import ENCODERS
 
 __all__ = [
+    "AudioCNNConfig",
     "AudioCNNEncoder",
+    "AudioLSTMConfig",
     "AudioLSTMEncoder",
+    "AudioStatsConfig",
     "AudioStatsEncoder",
+    "ImageCNNConfig",
     "ImageCNNEncoder",
+    "TextBagOfEmbeddingsConfig",
     "TextBagOfEmbeddingsEncoder",
+    "TextLSTMConfig",
     "TextLSTMEncoder",
     "build_encoder",
     "load_encoder_checkpoint",
@@ -29,14 +49,24 @@ __all__ = [
 
 
 def build_encoder(config: EncoderConfig, **kwargs) -> keras.layers.Layer:
-    """The encoder named by ``config.name``.
+    """The encoder of ``config``'s family, with the family's fields as arguments.
 
     Args:
-        config: encoder settings.
+        config: the family's config (e.g. :class:`ImageCNNConfig`).
         **kwargs: what the encoder needs beyond the config (``vocab_size``
             for text) and layer arguments such as ``name``.
+
+    Raises:
+        KeyError: ``config.name`` is not a registered encoder.
+        TypeError: ``config`` is not the config class of its family.
     """
-    return ENCODERS.get(config.name).from_encoder_config(config, **kwargs)
+    encoder_class = ENCODERS.get(config.name)
+    config_class = ENCODERS.config(config.name)
+    if type(config) is not config_class:
+        raise TypeError(
+            f"encoder {config.name!r} takes a {config_class.__name__}, got {type(config).__name__}"
+        )
+    return encoder_class(**config.layer_arguments(), **kwargs)
 
 
 def save_encoder_checkpoint(encoder: keras.layers.Layer, path: str) -> str:

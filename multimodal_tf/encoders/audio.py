@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import EncoderConfig
+from multimodal_tf.config import EncoderConfig, option
 from multimodal_tf.encoders.image import conv_blocks
 from multimodal_tf.encoders.text import recurrent_layers
 from multimodal_tf.registry import ENCODERS
@@ -29,8 +31,40 @@ def band_statistics(spectrograms: tf.Tensor) -> tf.Tensor:
     return tf.concat([mean, tf.sqrt(variance + 1e-6), tf.reduce_max(spectrograms, axis=1)], axis=-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _AudioConfig(EncoderConfig):
+    """The fields every audio encoder takes."""
+
+    width: int = option(32, minimum=1)
+    depth: int = option(2, minimum=1)
+    output_dim: int = option(64, minimum=1)
+    dropout_rate: float = option(0.1, minimum=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioCNNConfig(_AudioConfig):
+    """``audio/cnn``: the arguments of :class:`AudioCNNEncoder`."""
+
+    name: str = "audio/cnn"
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioLSTMConfig(_AudioConfig):
+    """``audio/lstm``: the arguments of :class:`AudioLSTMEncoder`."""
+
+    name: str = "audio/lstm"
+    bidirectional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioStatsConfig(_AudioConfig):
+    """``audio/stats``: the arguments of :class:`AudioStatsEncoder`."""
+
+    name: str = "audio/stats"
+
+
 class _AudioEncoder(keras.layers.Layer):
-    """Shared arguments, factory and config of the audio encoders."""
+    """Shared arguments, input normalisation, projection and config of the audio encoders."""
 
     def __init__(
         self,
@@ -38,7 +72,6 @@ class _AudioEncoder(keras.layers.Layer):
         depth: int = 2,
         output_dim: int = 64,
         dropout_rate: float = 0.1,
-        bidirectional: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -50,22 +83,9 @@ class _AudioEncoder(keras.layers.Layer):
         self.depth = depth
         self.output_dim = output_dim
         self.dropout_rate = dropout_rate
-        self.bidirectional = bidirectional
         self.input_norm = spectrogram_norm()
         self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
-
-    @classmethod
-    def from_encoder_config(cls, config: EncoderConfig, **kwargs):
-        """Builds the encoder from an :class:`EncoderConfig`; kwargs go to the layer."""
-        return cls(
-            width=config.width,
-            depth=config.depth,
-            output_dim=config.output_dim,
-            dropout_rate=config.dropout_rate,
-            bidirectional=config.bidirectional,
-            **kwargs,
-        )
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -75,13 +95,12 @@ class _AudioEncoder(keras.layers.Layer):
                 "depth": self.depth,
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
-                "bidirectional": self.bidirectional,
             }
         )
         return config
 
 
-@ENCODERS.register("audio/cnn")
+@ENCODERS.register("audio/cnn", config=AudioCNNConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class AudioCNNEncoder(_AudioEncoder):
     """CNN over the log-mel map treated as a one-channel image.
@@ -102,8 +121,6 @@ class AudioCNNEncoder(_AudioEncoder):
         depth: number of conv blocks.
         output_dim: embedding size.
         dropout_rate: dropout on the embedding.
-        bidirectional: unused (accepted so every audio encoder takes the same
-            arguments).
         **kwargs: standard layer arguments.
     """
 
@@ -121,7 +138,7 @@ class AudioCNNEncoder(_AudioEncoder):
         return self.dropout(x, training=training)
 
 
-@ENCODERS.register("audio/lstm")
+@ENCODERS.register("audio/lstm", config=AudioLSTMConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class AudioLSTMEncoder(_AudioEncoder):
     """LSTM over mel frames: per-clip normalisation, LSTM stack, Dense, dropout.
@@ -141,9 +158,10 @@ class AudioLSTMEncoder(_AudioEncoder):
         **kwargs: standard layer arguments.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, bidirectional: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.recurrent = recurrent_layers(self.width, self.depth, self.bidirectional)
+        self.bidirectional = bidirectional
+        self.recurrent = recurrent_layers(self.width, self.depth, bidirectional)
 
     def call(self, spectrograms: tf.Tensor, training=None) -> tf.Tensor:
         x = self.input_norm(spectrograms)
@@ -152,8 +170,13 @@ class AudioLSTMEncoder(_AudioEncoder):
         x = self.projection(x)
         return self.dropout(x, training=training)
 
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config["bidirectional"] = self.bidirectional
+        return config
 
-@ENCODERS.register("audio/stats")
+
+@ENCODERS.register("audio/stats", config=AudioStatsConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class AudioStatsEncoder(_AudioEncoder):
     """Summary statistics of each mel band over time, then an MLP.
@@ -178,8 +201,6 @@ class AudioStatsEncoder(_AudioEncoder):
         depth: number of hidden Dense layers.
         output_dim: embedding size.
         dropout_rate: dropout on the embedding.
-        bidirectional: unused (accepted so every audio encoder takes the same
-            arguments).
         **kwargs: standard layer arguments.
     """
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import EncoderConfig
+from multimodal_tf.config import ConfigFieldError, EncoderConfig, option
 from multimodal_tf.registry import ENCODERS
 
 
@@ -42,7 +44,25 @@ def colour_histogram(images: tf.Tensor, bins: int) -> tf.Tensor:
     return tf.sqrt(share)
 
 
-@ENCODERS.register("image/cnn")
+@dataclasses.dataclass(frozen=True)
+class ImageCNNConfig(EncoderConfig):
+    """``image/cnn``: the arguments of :class:`ImageCNNEncoder`."""
+
+    name: str = "image/cnn"
+    width: int = option(32, minimum=1)  # filters of the first block (doubling per block)
+    depth: int = option(2, minimum=1)  # conv blocks
+    output_dim: int = option(64, minimum=1)
+    dropout_rate: float = option(0.1, minimum=0.0)
+    augment: bool = False  # random flips, shifts, zooms while training
+    colour_bins: int = option(0, minimum=0)  # levels per channel of a colour histogram (0 = none)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.colour_bins == 1:
+            raise ConfigFieldError("colour_bins", "must be 0 (off) or >= 2, got 1")
+
+
+@ENCODERS.register("image/cnn", config=ImageCNNConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class ImageCNNEncoder(keras.layers.Layer):
     """CNN image encoder: conv blocks, flatten, Dense, dropout.
@@ -112,19 +132,6 @@ class ImageCNNEncoder(keras.layers.Layer):
         )
         self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
-
-    @classmethod
-    def from_encoder_config(cls, config: EncoderConfig, **kwargs) -> ImageCNNEncoder:
-        """Builds the encoder from an :class:`EncoderConfig`; kwargs go to the layer."""
-        return cls(
-            width=config.width,
-            depth=config.depth,
-            output_dim=config.output_dim,
-            dropout_rate=config.dropout_rate,
-            augment=config.augment,
-            colour_bins=config.colour_bins,
-            **kwargs,
-        )
 
     def call(self, images: tf.Tensor, training=None) -> tf.Tensor:
         x = images

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import EncoderConfig
+from multimodal_tf.config import EncoderConfig, option
 from multimodal_tf.registry import ENCODERS
 
 
@@ -18,7 +20,20 @@ def recurrent_layers(width: int, depth: int, bidirectional: bool) -> list[keras.
     return layers
 
 
-@ENCODERS.register("text/lstm")
+@dataclasses.dataclass(frozen=True)
+class TextLSTMConfig(EncoderConfig):
+    """``text/lstm``: the arguments of :class:`TextLSTMEncoder` (``vocab_size`` comes from the data)."""
+
+    name: str = "text/lstm"
+    embedding_dim: int = option(32, minimum=1)
+    width: int = option(32, minimum=1)  # LSTM units per direction
+    depth: int = option(2, minimum=1)  # LSTM layers
+    bidirectional: bool = False
+    output_dim: int = option(64, minimum=1)
+    dropout_rate: float = option(0.1, minimum=0.0)
+
+
+@ENCODERS.register("text/lstm", config=TextLSTMConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class TextLSTMEncoder(keras.layers.Layer):
     """LSTM text encoder: Embedding (0 = padding, masked), LSTM stack, Dense, dropout.
@@ -74,20 +89,6 @@ class TextLSTMEncoder(keras.layers.Layer):
         self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
-    @classmethod
-    def from_encoder_config(cls, config: EncoderConfig, *, vocab_size: int, **kwargs) -> TextLSTMEncoder:
-        """Builds the encoder from an :class:`EncoderConfig` and the vocabulary size."""
-        return cls(
-            vocab_size=vocab_size,
-            embedding_dim=config.embedding_dim,
-            width=config.width,
-            depth=config.depth,
-            bidirectional=config.bidirectional,
-            output_dim=config.output_dim,
-            dropout_rate=config.dropout_rate,
-            **kwargs,
-        )
-
     def call(self, tokens: tf.Tensor, training=None) -> tf.Tensor:
         x = self.embedding(tokens)
         mask = tf.not_equal(tokens, 0)  # [B, T]
@@ -115,7 +116,18 @@ class TextLSTMEncoder(keras.layers.Layer):
         return config
 
 
-@ENCODERS.register("text/bow")
+@dataclasses.dataclass(frozen=True)
+class TextBagOfEmbeddingsConfig(EncoderConfig):
+    """``text/bow``: the arguments of :class:`TextBagOfEmbeddingsEncoder`."""
+
+    name: str = "text/bow"
+    embedding_dim: int = option(32, minimum=1)
+    output_dim: int = option(64, minimum=1)  # ignored when linear: the output is embedding_dim wide
+    dropout_rate: float = option(0.1, minimum=0.0)
+    linear: bool = False  # fastText's mean embedding, no max pool or projection
+
+
+@ENCODERS.register("text/bow", config=TextBagOfEmbeddingsConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
     """Bag-of-embeddings text encoder (fastText-style, Joulin et al. 2017).
@@ -167,18 +179,6 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
             None if linear else keras.layers.Dense(output_dim, activation="relu", name="projection")
         )
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
-
-    @classmethod
-    def from_encoder_config(cls, config: EncoderConfig, *, vocab_size: int, **kwargs):
-        """Builds the encoder from an :class:`EncoderConfig`; kwargs go to the layer."""
-        return cls(
-            vocab_size=vocab_size,
-            embedding_dim=config.embedding_dim,
-            output_dim=config.output_dim,
-            dropout_rate=config.dropout_rate,
-            linear=config.linear,
-            **kwargs,
-        )
 
     def call(self, tokens: tf.Tensor, training=None) -> tf.Tensor:
         mask = tf.cast(tf.not_equal(tokens, 0), tf.float32)[..., None]  # [B, T, 1]

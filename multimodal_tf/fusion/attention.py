@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import FusionConfig
+from multimodal_tf.config import ConfigFieldError, FusionConfig, option
 from multimodal_tf.fusion.base import FusionLayer, build_sublayer, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 
-@FUSIONS.register("attention")
+@dataclasses.dataclass(frozen=True)
+class AttentionFusionConfig(FusionConfig):
+    """``attention``: the arguments of :class:`AttentionFusion`."""
+
+    name: str = "attention"
+    hidden_dim: int = option(64, minimum=1)
+    num_heads: int = option(4, minimum=1)
+    dropout_rate: float = option(0.1, minimum=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.hidden_dim % self.num_heads:
+            raise ConfigFieldError(
+                "num_heads", f"must divide hidden_dim {self.hidden_dim}, got {self.num_heads}"
+            )
+
+
+@FUSIONS.register("attention", config=AttentionFusionConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class AttentionFusion(FusionLayer):
     """One Transformer encoder block over modality tokens, read out at a CLS token.
@@ -69,19 +87,6 @@ class AttentionFusion(FusionLayer):
         self.feedforward_outer = keras.layers.Dense(hidden_dim, name="feedforward_outer")
         self.feedforward_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="feedforward_norm")
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
-
-    @classmethod
-    def from_fusion_config(
-        cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs
-    ):
-        del num_outputs, output_activation
-        return cls(
-            modalities=modalities,
-            hidden_dim=config.hidden_dim,
-            num_heads=config.num_heads,
-            dropout_rate=config.dropout_rate,
-            **kwargs,
-        )
 
     def build(self, input_shape):
         self.cls_token = self.add_weight(

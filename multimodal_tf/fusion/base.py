@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import MODALITIES, FusionConfig
+from multimodal_tf.config import MODALITIES
 
 # Added to the logits of absent modalities before a softmax. Weights are
 # computed in float32 (see masked_softmax), where exp(-1e9) is exactly 0.
@@ -22,7 +22,8 @@ class FusionLayer(keras.layers.Layer):
     """Base class: holds the ordered modality names and validates inputs.
 
     Subclasses implement ``call(embeddings, presence, training=None)`` and
-    may override :meth:`from_fusion_config`. They build their sublayers in
+    take their family config's fields (``FusionConfig`` subclasses registered
+    with them) as constructor arguments. They build their sublayers in
     ``build``, so that a revived Keras SavedModel has them before any call.
 
     Args:
@@ -31,7 +32,8 @@ class FusionLayer(keras.layers.Layer):
     """
 
     # Decision-level fusion outputs class probabilities, so the model adds no
-    # classifier head after it.
+    # classifier head after it; its constructor also takes ``num_outputs``
+    # and ``output_activation``.
     produces_probabilities = False
 
     def __init__(self, modalities: Sequence[str], **kwargs):
@@ -43,29 +45,6 @@ class FusionLayer(keras.layers.Layer):
                 f"{type(self).__name__}: modalities must be distinct names from {MODALITIES}, got {modalities}"
             )
         self.modalities = modalities
-
-    @classmethod
-    def from_fusion_config(
-        cls,
-        config: FusionConfig,
-        modalities: Sequence[str],
-        *,
-        num_outputs: int | None = None,
-        output_activation: str | None = None,
-        **kwargs,
-    ) -> FusionLayer:
-        """Builds the layer from a :class:`FusionConfig`.
-
-        ``num_outputs`` and ``output_activation`` describe the classifier
-        output; only decision-level fusion uses them.
-        """
-        del num_outputs, output_activation
-        return cls(
-            modalities=modalities,
-            hidden_dim=config.hidden_dim,
-            dropout_rate=config.dropout_rate,
-            **kwargs,
-        )
 
     def _check_keys(self, embeddings: dict, presence: dict) -> None:
         for what, value in (("embeddings", embeddings), ("presence", presence)):

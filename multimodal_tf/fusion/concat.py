@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
@@ -10,7 +11,14 @@ from multimodal_tf.fusion.base import FusionLayer, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 
-@FUSIONS.register("concat")
+@dataclasses.dataclass(frozen=True)
+class ConcatFusionConfig(FusionConfig):
+    """``concat``: no fields (the layer has no weights)."""
+
+    name: str = "concat"
+
+
+@FUSIONS.register("concat", config=ConcatFusionConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class ConcatFusion(FusionLayer):
     """Concatenates the modality embeddings and their presence flags.
@@ -35,13 +43,6 @@ class ConcatFusion(FusionLayer):
 
     def __init__(self, modalities: Sequence[str], **kwargs):
         super().__init__(modalities, **kwargs)
-
-    @classmethod
-    def from_fusion_config(
-        cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs
-    ):
-        del config, num_outputs, output_activation
-        return cls(modalities=modalities, **kwargs)
 
     def call(self, embeddings, presence, training=None):
         self._check_keys(embeddings, presence)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import FusionConfig, option
 from multimodal_tf.fusion.base import FusionLayer, build_sublayer, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 
-@FUSIONS.register("gated")
+@dataclasses.dataclass(frozen=True)
+class GatedFusionConfig(FusionConfig):
+    """``gated``: the arguments of :class:`GatedFusion`."""
+
+    name: str = "gated"
+    hidden_dim: int = option(64, minimum=1)
+    dropout_rate: float = option(0.1, minimum=0.0)
+
+
+@FUSIONS.register("gated", config=GatedFusionConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class GatedFusion(FusionLayer):
     """Gated Multimodal Unit (Arevalo et al., 2017, "Gated Multimodal Units

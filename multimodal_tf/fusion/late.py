@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import FusionConfig
+from multimodal_tf.config import FusionConfig, option
 from multimodal_tf.fusion.base import FusionLayer, build_sublayer, masked_softmax, zero_absent
 from multimodal_tf.registry import FUSIONS
 
@@ -13,7 +14,17 @@ OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
 COMBINATIONS = ("mean", "product")
 
 
-@FUSIONS.register("late")
+@dataclasses.dataclass(frozen=True)
+class LateFusionConfig(FusionConfig):
+    """``late``: the arguments of :class:`LateFusion` (the output units come from the head)."""
+
+    name: str = "late"
+    hidden_dim: int = option(64, minimum=0)  # 0: linear per-modality heads
+    dropout_rate: float = option(0.1, minimum=0.0)
+    combine: str = option("mean", choices=COMBINATIONS)
+
+
+@FUSIONS.register("late", config=LateFusionConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class LateFusion(FusionLayer):
     """Decision-level fusion: per-modality classifiers combined with learned weights.
@@ -98,22 +109,6 @@ class LateFusion(FusionLayer):
             m: keras.layers.Dense(num_outputs, dtype="float32", name=f"{m}_classifier")  # logits
             for m in self.modalities
         }
-
-    @classmethod
-    def from_fusion_config(
-        cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs
-    ):
-        if num_outputs is None or output_activation is None:
-            raise ValueError("late fusion needs num_outputs and output_activation (it outputs probabilities)")
-        return cls(
-            modalities=modalities,
-            num_outputs=num_outputs,
-            output_activation=output_activation,
-            hidden_dim=config.hidden_dim,
-            dropout_rate=config.dropout_rate,
-            combine=config.combine,
-            **kwargs,
-        )
 
     def build(self, input_shape):
         self.modality_logits = self.add_weight(

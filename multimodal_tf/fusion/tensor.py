@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import FusionConfig
+from multimodal_tf.config import FusionConfig, option
 from multimodal_tf.fusion.base import FusionLayer, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 
-@FUSIONS.register("tensor")
+@dataclasses.dataclass(frozen=True)
+class TensorFusionConfig(FusionConfig):
+    """``tensor``: the arguments of :class:`TensorFusion`."""
+
+    name: str = "tensor"
+    hidden_dim: int = option(64, minimum=1)
+    rank: int = option(4, minimum=1)
+    dropout_rate: float = option(0.1, minimum=0.0)
+
+
+@FUSIONS.register("tensor", config=TensorFusionConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class TensorFusion(FusionLayer):
     """Low-rank Multimodal Fusion (Liu et al., 2018, "Efficient Low-rank
@@ -58,19 +69,6 @@ class TensorFusion(FusionLayer):
         self.rank = rank
         self.dropout_rate = dropout_rate
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
-
-    @classmethod
-    def from_fusion_config(
-        cls, config: FusionConfig, modalities, *, num_outputs=None, output_activation=None, **kwargs
-    ):
-        del num_outputs, output_activation
-        return cls(
-            modalities=modalities,
-            hidden_dim=config.hidden_dim,
-            rank=config.rank,
-            dropout_rate=config.dropout_rate,
-            **kwargs,
-        )
 
     def build(self, input_shape):
         self.factors = {}

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import FusionConfig, option
 from multimodal_tf.fusion.base import FusionLayer, build_sublayer, masked_softmax, zero_absent
 from multimodal_tf.registry import FUSIONS
 
 
-@FUSIONS.register("weighted_sum")
+@dataclasses.dataclass(frozen=True)
+class WeightedSumFusionConfig(FusionConfig):
+    """``weighted_sum``: the arguments of :class:`WeightedSumFusion`."""
+
+    name: str = "weighted_sum"
+    hidden_dim: int = option(64, minimum=1)
+    dropout_rate: float = option(0.1, minimum=0.0)
+
+
+@FUSIONS.register("weighted_sum", config=WeightedSumFusionConfig)
 @keras.utils.register_keras_serializable(package="multimodal_tf")
 class WeightedSumFusion(FusionLayer):
     """Projects each modality to ``hidden_dim`` and averages with learned weights.
