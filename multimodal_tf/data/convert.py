@@ -29,7 +29,8 @@ class ConversionError(ValueError):
     """Bad records with ``on_error='fail'``; the message lists them."""
 
 
-def _source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
+def source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
+    """Hash of the manifest's bytes and every setting that changes the conversion."""
     digest = hashlib.sha256(manifest_path.read_bytes())
     settings = {
         "format": FORMAT_VERSION,
@@ -41,16 +42,6 @@ def _source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
     }
     digest.update(repr(sorted(settings.items())).encode())
     return digest.hexdigest()[:16]
-
-
-def default_tfrecord_dir(config: DataConfig) -> Path:
-    """Cache folder for a manifest's TFRecords (``$MMTF_CACHE_DIR``, default ``.mmtf_cache``)."""
-    if config.tfrecord_dir:
-        return Path(config.tfrecord_dir)
-    manifest = Path(config.manifest)
-    root = Path(os.environ.get("MMTF_CACHE_DIR", ".mmtf_cache"))
-    key = _source_fingerprint(manifest, config)[:10]
-    return root / "tfrecords" / f"{manifest.resolve().parent.name}-{key}"
 
 
 def _in_validation(record_id: str, fraction: float) -> bool:
@@ -112,7 +103,7 @@ def convert(
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
     source = {
         "manifest": str(manifest_path.resolve()),
-        "fingerprint": _source_fingerprint(manifest_path, config),
+        "fingerprint": source_fingerprint(manifest_path, config),
     }
     if not force and (out_dir / "metadata.json").exists():
         existing = DatasetMetadata.load(out_dir)
