@@ -91,6 +91,29 @@ def _write_shards(out_dir: Path, split: str, examples: list[bytes], num_shards: 
     return names
 
 
+def _check_records(records, label_names: list[str], config: DataConfig, progress: bool):
+    """(records without problems, every problem found)."""
+    good, problems = [], []
+    for record in tqdm(records, desc="checking", disable=not progress, file=sys.stderr, mininterval=2):
+        found = check_record(record, label_names, config)
+        problems.extend(found)
+        if not found:
+            good.append(record)
+    return good, problems
+
+
+def _split_counts(records, label_names: list[str]) -> dict:
+    """Examples, examples per class and per present modality of one split."""
+    return {
+        "examples": len(records),
+        "labels": {
+            name: sum(manifest_lib.label_id(r, label_names) == i for r in records)
+            for i, name in enumerate(label_names)
+        },
+        "present": {m: sum(bool(getattr(r, m)) for r in records) for m in ("image", "text", "audio")},
+    }
+
+
 def convert(
     manifest_path: str | Path,
     out_dir: str | Path,
@@ -112,13 +135,7 @@ def convert(
             return existing
     manifest = manifest_lib.read_manifest(manifest_path, config)
     label_names = manifest_lib.label_names_of(manifest)
-    good, problems = [], []
-    iterator = tqdm(manifest.records, desc="checking", disable=not progress, file=sys.stderr, mininterval=2)
-    for record in iterator:
-        found = check_record(record, label_names, config)
-        problems.extend(found)
-        if not found:
-            good.append(record)
+    good, problems = _check_records(manifest.records, label_names, config, progress)
     if problems and on_error == "fail":
         listing = "\n".join(f"  {p}" for p in problems[:50])
         raise ConversionError(
@@ -142,14 +159,7 @@ def convert(
         if not records:
             continue
         shards[split] = _write_shards(out_dir, split, serialized, config.num_shards)
-        counts[split] = {
-            "examples": len(records),
-            "labels": {
-                name: sum(manifest_lib.label_id(r, label_names) == i for r in records)
-                for i, name in enumerate(label_names)
-            },
-            "present": {m: sum(bool(getattr(r, m)) for r in records) for m in ("image", "text", "audio")},
-        }
+        counts[split] = _split_counts(records, label_names)
     bar.close()
     counts["skipped"] = sorted({p.record_id for p in problems})
     metadata = DatasetMetadata(
