@@ -28,9 +28,9 @@ tf.config.set_logical_device_configuration(
 )
 
 from multimodal_tf import launch  # noqa: E402
+from multimodal_tf.data.cache import prepare_data  # noqa: E402
 from multimodal_tf.data.synthetic import synthesize  # noqa: E402
 from multimodal_tf.testing import TINY_OVERRIDES, tiny_config  # noqa: E402
-from multimodal_tf.data.cache import prepare_data  # noqa: E402
 from multimodal_tf.training import train  # noqa: E402
 
 LAUNCH_TIMEOUT = 600  # seconds; the whole benchmark stays bounded

@@ -26,9 +26,9 @@ from multimodal_tf import config as config_lib  # noqa: E402
 from multimodal_tf.compat import keras, tf  # noqa: E402
 from multimodal_tf.data import manifest as manifest_lib  # noqa: E402
 from multimodal_tf.data import pipeline
+from multimodal_tf.data.cache import prepare_data  # noqa: E402
 from multimodal_tf.data.text import vocabulary_size  # noqa: E402
 from multimodal_tf.models import build_model, loss_for  # noqa: E402
-from multimodal_tf.data.cache import prepare_data  # noqa: E402
 from multimodal_tf.recipe import set_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

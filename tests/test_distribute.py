@@ -13,13 +13,13 @@ import pytest
 
 from multimodal_tf import distribute, launch
 from multimodal_tf.compat import keras
+from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.data.pipeline import make_dataset
 from multimodal_tf.data.text import vocabulary_size
 from multimodal_tf.models import build_model, loss_for
-from multimodal_tf.testing import TINY_OVERRIDES, tiny_config
-from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.recipe import supervised_dataset
 from multimodal_tf.run_dir import LAST_WEIGHTS, load_trained_model
+from multimodal_tf.testing import TINY_OVERRIDES, tiny_config
 from tests.conftest import one_val_example_manifest
 
 # Image only and 10 steps an epoch keep the multi-process runs short on two

@@ -9,10 +9,10 @@ import pytest
 from multimodal_tf import config as config_lib
 from multimodal_tf import launch, tuning
 from multimodal_tf.config import ConfigError
+from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.models import build_model
 from multimodal_tf.registry import FUSIONS
 from multimodal_tf.testing import tiny_config
-from multimodal_tf.data.cache import prepare_data
 
 SPACE = {
     "fusion": {"type": "choice", "values": ["concat", "gated"], "key": "model.fusion.name"},

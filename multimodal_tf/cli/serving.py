@@ -194,13 +194,13 @@ def read_prediction_manifest(path: str | Path, args=None) -> list[dict]:
     """
     from multimodal_tf.data.manifest import read_manifest  # noqa: PLC0415
 
-    config = load_config(args) if args is not None else load_config(argparse.Namespace())
+    config = load_config(args or argparse.Namespace())
     manifest = read_manifest(path, config.data, labelled=False)
     return [
         {
             "id": r.id,
             "image": r.image or None,
-            "text": r.text.decode("utf-8", "surrogateescape") if r.text else None,
+            "text": r.text or None,  # bytes as read: the model gets them unchanged
             "audio": r.audio or None,
             "label": r.label or None,
         }
