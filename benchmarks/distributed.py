@@ -2,7 +2,7 @@
 
 The same config and data train with each strategy; examples/s is the median
 of the epochs after the first (which traces the graphs), as logged by
-training.Throughput (global examples, validation included). ``mirrored``
+callbacks.Throughput (global examples, validation included). ``mirrored``
 splits this host's CPU into two logical devices; ``multi_worker`` runs two
 local processes through ``mmtf launch``. Overhead = default rate / rate.
 
@@ -28,9 +28,10 @@ tf.config.set_logical_device_configuration(
 )
 
 from multimodal_tf import launch  # noqa: E402
+from multimodal_tf.data.cache import prepare_data  # noqa: E402
 from multimodal_tf.data.synthetic import synthesize  # noqa: E402
 from multimodal_tf.testing import TINY_OVERRIDES, tiny_config  # noqa: E402
-from multimodal_tf.training import prepare_data, train  # noqa: E402
+from multimodal_tf.training import train  # noqa: E402
 
 LAUNCH_TIMEOUT = 600  # seconds; the whole benchmark stays bounded
 
@@ -56,7 +57,7 @@ def main() -> int:
         "train.early_stopping_patience=0",
         "train.lr_schedule=constant",
     )
-    prepare_data(tiny_config(*overrides), progress=False)
+    prepare_data(tiny_config(*overrides).data, progress=False)
     results = {}
     for strategy in ("default", "mirrored"):
         start = time.perf_counter()

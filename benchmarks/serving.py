@@ -57,7 +57,7 @@ def _start_server(base_path: Path, name: str, batching: Path | None, log_path: P
     import serving_helpers as helpers
 
     port, rest_port = helpers.free_port(), helpers.free_port()
-    command = [sys.executable, "-m", "multimodal_tf.serving.cli", "serve", "--model-base-path", str(base_path),
+    command = [sys.executable, "-m", "multimodal_tf.cli", "serve", "--model-base-path", str(base_path),
                "--model-name", name, "--port", str(port), "--rest-api-port", str(rest_port),
                "--monitoring-config-file", str(REPO / "serving" / "monitoring.config"),
                "--file-system-poll-wait-seconds", "0"]  # fmt: skip

@@ -26,9 +26,10 @@ from multimodal_tf import config as config_lib  # noqa: E402
 from multimodal_tf.compat import keras, tf  # noqa: E402
 from multimodal_tf.data import manifest as manifest_lib  # noqa: E402
 from multimodal_tf.data import pipeline
+from multimodal_tf.data.cache import prepare_data  # noqa: E402
 from multimodal_tf.data.text import vocabulary_size  # noqa: E402
 from multimodal_tf.models import build_model, loss_for  # noqa: E402
-from multimodal_tf.training import prepare_data, set_seed  # noqa: E402
+from multimodal_tf.recipe import set_seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
     config = config_lib.load([args.config], args.set)
-    metadata = prepare_data(config, progress=False)
+    metadata = prepare_data(config.data, progress=False)
     train_ids = set()
     for _, _, ids in pipeline.make_dataset(config, "train", training=False, metadata=metadata, with_ids=True):
         train_ids.update(i.decode() for i in ids.numpy())

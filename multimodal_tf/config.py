@@ -246,7 +246,7 @@ class ExperimentConfig(Checked):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
-    # Keras Tuner search space: hyperparameter name -> spec dict (see tuning.py).
+    # Keras Tuner search space: hyperparameter name -> spec dict (see tuning/space.py).
     search_space: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

@@ -6,13 +6,14 @@ export -> embedded server -> queries over gRPC and REST -> stop.
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
 from multimodal_tf import config as config_lib
+from multimodal_tf.config import DataConfig
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+# Package data (setup.cfg), so an installed wheel has it too.
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 MODEL_NAME = "mmtf_demo"
 
 
@@ -20,17 +21,27 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def _test_rows(manifest: Path, count: int) -> list[dict]:
-    with open(manifest, encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("split", "").lower() == "test"]
-    return rows[:count]
+def demo_config(overrides=()) -> config_lib.ExperimentConfig:
+    """The packaged demo config with ``overrides``; a missing file is an error, not defaults."""
+    if not DEMO_CONFIG.is_file():
+        raise FileNotFoundError(f"the demo config {DEMO_CONFIG} is missing from the installed package")
+    return config_lib.load([DEMO_CONFIG], list(overrides))
 
 
-def query_server(export_base: Path, manifest: Path, count: int = 6) -> int:
+def held_out_records(manifest: Path, data: DataConfig, count: int):
+    """The first ``count`` test-split records, read with the config's columns."""
+    from multimodal_tf.data import manifest as manifest_lib  # noqa: PLC0415
+
+    records = manifest_lib.read_manifest(manifest, data).records
+    split = manifest_lib.SPLIT_ALIASES
+    return [r for r in records if split.get(r.split) == manifest_lib.TEST][:count]
+
+
+def query_server(export_base: Path, manifest: Path, data: DataConfig, count: int = 6) -> int:
     """Starts the embedded server, queries it over gRPC and REST, stops it."""
-    from multimodal_tf.serving.demo import serve_and_query
+    from multimodal_tf.serving.demo import serve_and_query  # noqa: PLC0415
 
-    return serve_and_query(export_base, MODEL_NAME, manifest, _test_rows(manifest, count))
+    return serve_and_query(export_base, MODEL_NAME, held_out_records(manifest, data, count))
 
 
 def run_demo(out: str | Path, manifest: str | None = None, overrides=()) -> int:
@@ -46,10 +57,7 @@ def run_demo(out: str | Path, manifest: str | None = None, overrides=()) -> int:
         manifest = synthesize(out / "data", num_examples=2400, seed=0)
         print(f"wrote {manifest}")
     manifest = Path(manifest)
-    config = config_lib.load(
-        [DEMO_CONFIG] if DEMO_CONFIG.exists() else [],
-        [f"data.manifest={manifest}", f"train.output_dir={out / 'run'}", *overrides],
-    )
+    config = demo_config([f"data.manifest={manifest}", f"train.output_dir={out / 'run'}", *overrides])
     _banner("2/6 convert + train")
     run_dir = train(config)
     _banner("3/6 evaluate")
@@ -63,6 +71,6 @@ def run_demo(out: str | Path, manifest: str | None = None, overrides=()) -> int:
     path = export_run(run_dir, export_base, MODEL_NAME)
     print(f"exported {path}")
     _banner("5/6 serve + query (gRPC and REST)")
-    status = query_server(export_base, manifest)
+    status = query_server(export_base, manifest, config.data)
     _banner(f"6/6 done in {time.perf_counter() - start:.0f} s")
     return status

@@ -12,7 +12,7 @@ from multimodal_tf.compat import keras, tf
 from multimodal_tf.data import features
 from multimodal_tf.data.pipeline import make_dataset
 from multimodal_tf.models import OUTPUT_NAME, EnsembleModel
-from multimodal_tf.training import load_trained_model
+from multimodal_tf.run_dir import load_trained_model
 
 
 def predict_split(model, config, metadata, split: str, drop: tuple[str, ...] = ()):

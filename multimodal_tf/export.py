@@ -19,12 +19,26 @@ from pathlib import Path
 from multimodal_tf import config as config_lib
 from multimodal_tf.compat import tf
 from multimodal_tf.data import features
-from multimodal_tf.data.convert import default_tfrecord_dir
+from multimodal_tf.data.cache import default_tfrecord_dir
 from multimodal_tf.data.preprocessing import Preprocessor
-from multimodal_tf.training import load_trained_model
+from multimodal_tf.run_dir import METADATA_FILE, load_trained_model
+from multimodal_tf.signatures import (
+    ASSETS_EXTRA,
+    CLASS_ID,
+    CLASS_NAME,
+    CLASSES,
+    CLASSIFY_INPUTS,
+    CLASSIFY_METHOD,
+    CLASSIFY_SIGNATURE,
+    DEFAULT_SIGNATURE,
+    EXAMPLES_INPUT,
+    PREDICT_EXAMPLES_SIGNATURE,
+    PREDICT_FEATURES_SIGNATURE,
+    PROBABILITIES,
+    SCORES,
+    WARMUP_FILE_NAME,
+)
 
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-WARMUP_FILE = "tf_serving_warmup_requests"
 # tf-text ops missing from some TF Serving builds (FACTS.md).
 FORBIDDEN_TEXT_OPS = {"TFText>RoundRobinTrim", "TFText>RoundRobinGenerateMasks"}
 
@@ -64,9 +78,9 @@ class ServingModule(tf.Module):
             probabilities = tf.concat([1.0 - probabilities, probabilities], axis=-1)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
         outputs = {
-            "probabilities": probabilities,
-            "class_id": class_id,
-            "class_name": tf.gather(self.label_names, class_id),
+            PROBABILITIES: probabilities,
+            CLASS_ID: class_id,
+            CLASS_NAME: tf.gather(self.label_names, class_id),
         }
         for modality in self.modalities:
             name = features.presence_name(modality)
@@ -88,23 +102,23 @@ class ServingModule(tf.Module):
     @tf.function
     def classify(self, inputs):
         outputs = self._outputs(self.preprocessor(self.preprocessor.parse_examples(inputs)))
-        scores = outputs["probabilities"]
+        scores = outputs[PROBABILITIES]
         classes = tf.tile(self.label_names[None, :], [tf.shape(scores)[0], 1])
-        return {"classes": classes, "scores": scores}
+        return {CLASSES: classes, SCORES: scores}
 
     def signatures(self) -> dict:
         string = lambda name: tf.TensorSpec([None], tf.string, name=name)  # noqa: E731
         return {
-            "serving_default": self.serve_raw.get_concrete_function({m: string(m) for m in self.modalities}),
-            "predict_examples": self.serve_examples.get_concrete_function(string("examples")),
-            "classify": self.classify.get_concrete_function(string("inputs")),
-            "predict_features": self.serve_features.get_concrete_function(self.feature_specs),
+            DEFAULT_SIGNATURE: self.serve_raw.get_concrete_function({m: string(m) for m in self.modalities}),
+            PREDICT_EXAMPLES_SIGNATURE: self.serve_examples.get_concrete_function(string(EXAMPLES_INPUT)),
+            CLASSIFY_SIGNATURE: self.classify.get_concrete_function(string(CLASSIFY_INPUTS)),
+            PREDICT_FEATURES_SIGNATURE: self.serve_features.get_concrete_function(self.feature_specs),
         }
 
     def save(self, directory: str | Path) -> None:
         """Writes the SavedModel with its signatures, ``classify`` marked for TF Serving's Classify."""
         tf.saved_model.save(self, str(directory), signatures=self.signatures())
-        set_method_name(directory, "classify", CLASSIFY_METHOD)
+        set_method_name(directory, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
 
 
 def allowed_ops() -> set[str]:
@@ -180,7 +194,7 @@ def write_warmup(path: Path, config, metadata, model_name: str, count: int = 8) 
         for batch in records:
             for i in range(int(tf.shape(batch[features.ID])[0])):
                 request = predict_pb2.PredictRequest(
-                    model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+                    model_spec=model_pb2.ModelSpec(name=model_name, signature_name=DEFAULT_SIGNATURE)
                 )
                 for modality in modalities:
                     request.inputs[modality].CopyFrom(tf.make_tensor_proto([batch[modality][i].numpy()]))
@@ -216,12 +230,12 @@ def export_run(
     try:
         module.save(tmp)
         check_ops(tmp)
-        extra = tmp / "assets.extra"
+        extra = tmp / ASSETS_EXTRA
         extra.mkdir(exist_ok=True)
         config_lib.save(config, extra / "config.yaml")
-        shutil.copy(Path(run_dir) / "metadata.json", extra / "metadata.json")
+        shutil.copy(Path(run_dir) / METADATA_FILE, extra / METADATA_FILE)
         (extra / "label_names.txt").write_text("\n".join(metadata.label_names) + "\n", encoding="utf-8")
-        write_warmup(extra / WARMUP_FILE, config, metadata, model_name)
+        write_warmup(extra / WARMUP_FILE_NAME, config, metadata, model_name)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

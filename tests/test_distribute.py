@@ -13,11 +13,13 @@ import pytest
 
 from multimodal_tf import distribute, launch
 from multimodal_tf.compat import keras
+from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.data.pipeline import make_dataset
 from multimodal_tf.data.text import vocabulary_size
 from multimodal_tf.models import build_model, loss_for
+from multimodal_tf.recipe import supervised_dataset
+from multimodal_tf.run_dir import LAST_WEIGHTS, load_trained_model
 from multimodal_tf.testing import TINY_OVERRIDES, tiny_config
-from multimodal_tf.training import LAST_WEIGHTS, load_trained_model, prepare_data, supervised_dataset
 from tests.conftest import one_val_example_manifest
 
 # Image only and 10 steps an epoch keep the multi-process runs short on two
@@ -60,7 +62,7 @@ def test_mirrored_over_two_cpus_gives_the_default_loss_for_one_step(synth_manife
         "model.text_encoder.dropout_rate=0.0",
         "model.head.dropout_rate=0.0",
     )
-    metadata = prepare_data(config, progress=False)
+    metadata = prepare_data(config.data, progress=False)
     num_classes, vocab_size = metadata.num_classes, vocabulary_size(config.data.text, metadata.vocabulary)
     dataset = supervised_dataset(
         make_dataset(config, "train", training=False, metadata=metadata), config, num_classes
@@ -150,7 +152,7 @@ def test_a_failing_task_stops_the_whole_cluster(tmp_path):
 def multi_worker_run(synth_manifest, tmp_path_factory):
     """An uninterrupted 2-worker MultiWorkerMirroredStrategy run."""
     run_dir = tmp_path_factory.mktemp("multi_worker")
-    prepare_data(tiny_config(f"data.manifest={synth_manifest}"), progress=False)
+    prepare_data(tiny_config(f"data.manifest={synth_manifest}").data, progress=False)
     command = train_command(
         synth_manifest, run_dir / "run", f"train.epochs={EPOCHS}", "train.strategy=multi_worker"
     )
@@ -180,7 +182,7 @@ def test_two_worker_multi_worker_run_ends_with_identical_weights(multi_worker_ru
 def test_two_workers_finish_when_the_val_split_has_one_example(synth_manifest, tmp_path):
     """Fewer val examples than workers: no worker runs dry (that would hang the collectives)."""
     manifest, _ = one_val_example_manifest(synth_manifest, synth_manifest.parent / "one_val_example.csv")
-    prepare_data(tiny_config(f"data.manifest={manifest}"), progress=False)
+    prepare_data(tiny_config(f"data.manifest={manifest}").data, progress=False)
     run_dir = tmp_path / "run"
     command = train_command(manifest, run_dir, "train.epochs=1", "train.strategy=multi_worker")
     code = launch.launch(
@@ -236,7 +238,7 @@ def test_killed_worker_job_resumes_from_the_last_backup(synth_manifest, multi_wo
 
 @pytest.mark.slow
 def test_parameter_server_cluster_with_one_ps_and_two_workers_trains(synth_manifest, tmp_path):
-    prepare_data(tiny_config(f"data.manifest={synth_manifest}"), progress=False)
+    prepare_data(tiny_config(f"data.manifest={synth_manifest}").data, progress=False)
     run_dir = tmp_path / "run"
     command = train_command(synth_manifest, run_dir, "train.epochs=2", "train.strategy=parameter_server")
     code = launch.launch(

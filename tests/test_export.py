@@ -12,9 +12,11 @@ import pytest
 from multimodal_tf import cli, export
 from multimodal_tf.compat import tf
 from multimodal_tf.data import features
-from multimodal_tf.data.convert import default_tfrecord_dir
+from multimodal_tf.data.cache import default_tfrecord_dir
+from multimodal_tf.run_dir import load_trained_model
+from multimodal_tf.signatures import CLASSIFY_METHOD, WARMUP_FILE_NAME
 from multimodal_tf.testing import tiny_config
-from multimodal_tf.training import load_trained_model, train
+from multimodal_tf.training import train
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def test_layout_and_assets(exported):
 
     logs = [
         prediction_log_pb2.PredictionLog.FromString(r.numpy())
-        for r in tf.data.TFRecordDataset(str(extra / export.WARMUP_FILE))
+        for r in tf.data.TFRecordDataset(str(extra / WARMUP_FILE_NAME))
     ]
     assert 0 < len(logs) < 1000
     assert set(logs[0].predict_log.request.inputs) == {"image", "text", "audio"}
@@ -61,7 +63,7 @@ def test_classify_method_name_and_op_set(exported):
 
     proto = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
     signatures = proto.meta_graphs[0].signature_def
-    assert signatures["classify"].method_name == export.CLASSIFY_METHOD
+    assert signatures["classify"].method_name == CLASSIFY_METHOD
     assert signatures["serving_default"].method_name == "tensorflow/serving/predict"
     assert set(signatures) >= {"serving_default", "classify", "predict_examples", "predict_features"}
     ops = export.graph_ops(path)

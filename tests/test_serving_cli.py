@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import serving_helpers as helpers
 
-from multimodal_tf.serving import Client, ModelServer, ModelSpec, cli
+from multimodal_tf.cli import serving as cli
+from multimodal_tf.serving import Client, ModelServer, ModelSpec
 from multimodal_tf.serving.local import LocalModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +186,7 @@ def test_serve_command_stops_gracefully_on_sigterm(model_dir, tmp_path):
     command = [
         sys.executable,
         "-m",
-        "multimodal_tf.serving.cli",
+        "multimodal_tf.cli",
         "serve",
         "--model-base-path",
         str(model_dir),
@@ -226,3 +227,24 @@ def test_serve_command_stops_gracefully_on_sigterm(model_dir, tmp_path):
         output = log.read()
         log.close()
     assert "server stopped" in output, output[-2000:]
+
+
+def test_predict_manifest_reads_the_configured_columns(model_dir, manifest, tmp_path):
+    with open(manifest, newline="") as f:
+        rows = list(csv.reader(f))
+    rows[0] = ["key", "picture", "caption", "sound", "label"]
+    renamed = manifest.parent / "renamed.csv"  # next to the media its rows name
+    with open(renamed, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    config = tmp_path / "columns.yaml"
+    config.write_text("data:\n  columns: {id: key, image: picture, text: caption, audio: sound}\n")
+    default, custom = tmp_path / "default.csv", tmp_path / "custom.csv"
+    for path, extra in ((default, [str(manifest)]), (custom, [str(renamed), "--config", str(config)])):
+        args = _parse(
+            "predict", "--saved-model", str(model_dir / "1"), "--output", str(path), "--manifest", *extra
+        )
+        assert args.func(args) == 1  # the same two bad rows
+    assert _read_csv(custom) == _read_csv(default)
+    args = _parse("predict", "--saved-model", str(model_dir / "1"), "--manifest", str(renamed))
+    with pytest.raises(ValueError, match="missing columns.*'id'"):
+        args.func(args)  # without the config, the id column is not found: named in the error

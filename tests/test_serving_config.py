@@ -106,7 +106,8 @@ def test_monitoring_config():
 
 
 def test_deployment_files_parse():
-    specs = config_lib.load_model_config(DEPLOYMENT / "models.config")
+    path = DEPLOYMENT / "models.config"
+    specs = config_lib.parse_model_config(path.read_text(encoding="utf-8"), str(path))
     assert [(s.name, s.base_path, s.policy, s.num_versions) for s in specs] == [
         ("mmtf", "/models/mmtf", "latest", 2)
     ]

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from multimodal_tf import cli
+from multimodal_tf.callbacks import SwapEMAWeights
 from multimodal_tf.compat import keras
 from multimodal_tf.evaluation import classification_metrics, predict_split
+from multimodal_tf.recipe import make_optimizer
+from multimodal_tf.run_dir import load_trained_model
 from multimodal_tf.testing import tiny_config
-from multimodal_tf.training import SwapEMAWeights, load_trained_model, make_optimizer, train
+from multimodal_tf.training import train
 from tests.conftest import shared_manifest
 
 

@@ -9,10 +9,10 @@ import pytest
 from multimodal_tf import config as config_lib
 from multimodal_tf import launch, tuning
 from multimodal_tf.config import ConfigError
+from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.models import build_model
 from multimodal_tf.registry import FUSIONS
 from multimodal_tf.testing import tiny_config
-from multimodal_tf.training import prepare_data
 
 SPACE = {
     "fusion": {"type": "choice", "values": ["concat", "gated"], "key": "model.fusion.name"},
@@ -117,7 +117,7 @@ def test_random_search_writes_sorted_reports_and_resumes(synth_manifest, tmp_pat
 
 @pytest.mark.slow
 def test_two_tuner_workers_search_and_the_chief_records_every_trial(synth_manifest, tmp_path):
-    prepare_data(tiny_config(f"data.manifest={synth_manifest}"), progress=False)
+    prepare_data(tiny_config(f"data.manifest={synth_manifest}").data, progress=False)
     config = search_config(synth_manifest, "name=distributed", "train.verbose=2")
     config_lib.save(config, tmp_path / "tune.yaml")
     command = [

@@ -29,7 +29,8 @@ class ConversionError(ValueError):
     """Bad records with ``on_error='fail'``; the message lists them."""
 
 
-def _source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
+def source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
+    """Hash of the manifest's bytes and every setting that changes the conversion."""
     digest = hashlib.sha256(manifest_path.read_bytes())
     settings = {
         "format": FORMAT_VERSION,
@@ -41,16 +42,6 @@ def _source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
     }
     digest.update(repr(sorted(settings.items())).encode())
     return digest.hexdigest()[:16]
-
-
-def default_tfrecord_dir(config: DataConfig) -> Path:
-    """Cache folder for a manifest's TFRecords (``$MMTF_CACHE_DIR``, default ``.mmtf_cache``)."""
-    if config.tfrecord_dir:
-        return Path(config.tfrecord_dir)
-    manifest = Path(config.manifest)
-    root = Path(os.environ.get("MMTF_CACHE_DIR", ".mmtf_cache"))
-    key = _source_fingerprint(manifest, config)[:10]
-    return root / "tfrecords" / f"{manifest.resolve().parent.name}-{key}"
 
 
 def _in_validation(record_id: str, fraction: float) -> bool:
@@ -100,6 +91,29 @@ def _write_shards(out_dir: Path, split: str, examples: list[bytes], num_shards: 
     return names
 
 
+def _check_records(records, label_names: list[str], config: DataConfig, progress: bool):
+    """(records without problems, every problem found)."""
+    good, problems = [], []
+    for record in tqdm(records, desc="checking", disable=not progress, file=sys.stderr, mininterval=2):
+        found = check_record(record, label_names, config)
+        problems.extend(found)
+        if not found:
+            good.append(record)
+    return good, problems
+
+
+def _split_counts(records, label_names: list[str]) -> dict:
+    """Examples, examples per class and per present modality of one split."""
+    return {
+        "examples": len(records),
+        "labels": {
+            name: sum(manifest_lib.label_id(r, label_names) == i for r in records)
+            for i, name in enumerate(label_names)
+        },
+        "present": {m: sum(bool(getattr(r, m)) for r in records) for m in ("image", "text", "audio")},
+    }
+
+
 def convert(
     manifest_path: str | Path,
     out_dir: str | Path,
@@ -112,7 +126,7 @@ def convert(
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
     source = {
         "manifest": str(manifest_path.resolve()),
-        "fingerprint": _source_fingerprint(manifest_path, config),
+        "fingerprint": source_fingerprint(manifest_path, config),
     }
     if not force and (out_dir / "metadata.json").exists():
         existing = DatasetMetadata.load(out_dir)
@@ -121,13 +135,7 @@ def convert(
             return existing
     manifest = manifest_lib.read_manifest(manifest_path, config)
     label_names = manifest_lib.label_names_of(manifest)
-    good, problems = [], []
-    iterator = tqdm(manifest.records, desc="checking", disable=not progress, file=sys.stderr, mininterval=2)
-    for record in iterator:
-        found = check_record(record, label_names, config)
-        problems.extend(found)
-        if not found:
-            good.append(record)
+    good, problems = _check_records(manifest.records, label_names, config, progress)
     if problems and on_error == "fail":
         listing = "\n".join(f"  {p}" for p in problems[:50])
         raise ConversionError(
@@ -151,14 +159,7 @@ def convert(
         if not records:
             continue
         shards[split] = _write_shards(out_dir, split, serialized, config.num_shards)
-        counts[split] = {
-            "examples": len(records),
-            "labels": {
-                name: sum(manifest_lib.label_id(r, label_names) == i for r in records)
-                for i, name in enumerate(label_names)
-            },
-            "present": {m: sum(bool(getattr(r, m)) for r in records) for m in ("image", "text", "audio")},
-        }
+        counts[split] = _split_counts(records, label_names)
     bar.close()
     counts["skipped"] = sorted({p.record_id for p in problems})
     metadata = DatasetMetadata(

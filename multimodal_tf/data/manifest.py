@@ -36,10 +36,6 @@ class Manifest:
     path: Path
     records: list[Record]
 
-    @property
-    def base_dir(self) -> Path:
-        return self.path.parent
-
 
 def _resolve(base: Path, cell: str) -> str:
     cell = cell.strip()
@@ -63,8 +59,16 @@ def _text_of(base: Path, cell: str, source: str) -> tuple[bytes, str]:
         return b"", str(candidate)
 
 
-def read_manifest(path: str | Path, config: DataConfig) -> Manifest:
-    """Reads every row; a bad row is kept (validation reports it), a bad file raises."""
+def read_manifest(path: str | Path, config: DataConfig, labelled: bool = True) -> Manifest:
+    """Reads every row; a bad row is kept (validation reports it), a bad file raises.
+
+    Args:
+        path: the CSV file; relative media paths are resolved against its folder.
+        config: ``data.columns`` names the columns, ``data.text.source`` says
+            whether a text cell is the text or a file holding it.
+        labelled: require the label and split columns (training data); a
+            manifest of inputs to predict needs only the id and media columns.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
@@ -74,7 +78,7 @@ def read_manifest(path: str | Path, config: DataConfig) -> Manifest:
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        required = [columns.id, columns.label, columns.split]
+        required = [columns.id, columns.label, columns.split] if labelled else [columns.id]
         missing = [c for c in required if c not in header]
         media = [c for c in (columns.image, columns.text, columns.audio) if c in header]
         if missing or not media:

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data import features
-from multimodal_tf.data.convert import default_tfrecord_dir
+from multimodal_tf.data.cache import default_tfrecord_dir
 from multimodal_tf.data.metadata import DatasetMetadata
 from multimodal_tf.data.preprocessing import Preprocessor
 

@@ -32,6 +32,7 @@ from tensorflow_serving.apis import (
 from multimodal_tf.compat import tf
 from multimodal_tf.data import features
 from multimodal_tf.serving import tensors
+from multimodal_tf.signatures import DEFAULT_SIGNATURE
 
 # Deadline of each RPC. 30 s covers one request of `max_batch` full-size inputs
 # decoded in-graph on a small CPU server, including a version's first call,
@@ -41,7 +42,6 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 # Inputs per request: large enough to amortise the RPC, small enough that a
 # request of full-size media stays far below gRPC's message limits.
 DEFAULT_MAX_BATCH = 32
-DEFAULT_SIGNATURE = "serving_default"
 logger = logging.getLogger(__name__)
 
 

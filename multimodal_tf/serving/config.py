@@ -108,15 +108,6 @@ def specs_from_proto(
     return specs
 
 
-def load_model_config(path: str | os.PathLike) -> list[ModelSpec]:
-    """Reads a ``--model_config_file``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ServingConfigError(f"cannot read model config file {path}: {e}") from None
-    return parse_model_config(text, str(path))
-
-
 def single_model(name: str, base_path: str | os.PathLike) -> list[ModelSpec]:
     """``--model_name NAME --model_base_path PATH``: policy latest 1, like TF Serving."""
     if not name:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from multimodal_tf.serving.cli import read_prediction_manifest
 from multimodal_tf.serving.client import Client, raw_inputs
 from multimodal_tf.serving.config import DEFAULT_METRICS_PATH, ModelSpec
 from multimodal_tf.serving.server import ModelServer
+from multimodal_tf.signatures import CLASS_NAME, DEFAULT_SIGNATURE, PROBABILITIES
 
 
 def _rest_predict(server: ModelServer, model_name: str, inputs: dict[str, list[bytes]]) -> list[dict]:
@@ -35,26 +35,25 @@ def _rest_predict(server: ModelServer, model_name: str, inputs: dict[str, list[b
     return body["predictions"]
 
 
-def _rows_as_inputs(manifest: Path, rows: list[dict]) -> tuple[list[dict], dict[str, list[bytes]]]:
-    """Manifest rows (dicts with id,image,text,audio,...) -> resolved rows and raw bytes per modality."""
-    by_id = {r["id"]: r for r in read_prediction_manifest(manifest)}
-    resolved = [by_id[r["id"]] | {"label_name": r.get("label_name") or r.get("label", "")} for r in rows]
+def _rows_as_inputs(records) -> tuple[list[dict], dict[str, list[bytes]]]:
+    """Manifest records (``data.manifest.Record``) -> display rows and raw bytes per modality."""
+    resolved = [{"id": r.id, "label_name": r.label_name or r.label} for r in records]
     raw = raw_inputs(
-        images=[r["image"] for r in resolved],
-        texts=[r["text"] for r in resolved],
-        audios=[r["audio"] for r in resolved],
+        images=[r.image or None for r in records],
+        texts=[r.text or None for r in records],
+        audios=[r.audio or None for r in records],
     )
     return resolved, raw
 
 
-def serve_and_query(export_base: str | Path, model_name: str, manifest: str | Path, rows: list[dict]) -> int:
-    """Serves ``export_base/model_name`` on free local ports and queries ``rows`` both ways.
+def serve_and_query(export_base: str | Path, model_name: str, records: list) -> int:
+    """Serves ``export_base/model_name`` on free local ports and queries ``records`` both ways.
 
     Prints the version status, each row's class over gRPC and over REST, and
     the request counts from the Prometheus endpoint; returns 0 when the two
     APIs agree.
     """
-    resolved, raw = _rows_as_inputs(Path(manifest), rows)
+    resolved, raw = _rows_as_inputs(records)
     spec = ModelSpec(model_name, str(Path(export_base) / model_name))
     server = ModelServer(
         [spec], port=0, rest_api_port=0, metrics_path=DEFAULT_METRICS_PATH, file_system_poll_wait_seconds=0
@@ -64,19 +63,19 @@ def serve_and_query(export_base: str | Path, model_name: str, manifest: str | Pa
         with Client(server.grpc_target, model_name) as client:
             for status in client.status():
                 print(f"  version {status['version']}: {status['state']}")
-            wanted = client.signature_inputs("serving_default", None, None) or list(raw)
+            wanted = client.signature_inputs(DEFAULT_SIGNATURE, None, None) or list(raw)
             by_grpc = client.predict(**{f"{m}s": raw[m] for m in raw if m in wanted})
         by_rest = _rest_predict(server, model_name, {m: raw[m] for m in raw if m in wanted})
         agree = True
         print(f"  {'id':<14}{'true':<12}{'gRPC':<12}{'REST':<12}{'p(max)':>7}")
         for index, row in enumerate(resolved):
-            grpc_name = by_grpc["class_name"][index].decode()
+            grpc_name = by_grpc[CLASS_NAME][index].decode()
             rest_row = by_rest[index]
-            same = rest_row["class_name"] == grpc_name and np.allclose(
-                rest_row["probabilities"], by_grpc["probabilities"][index], atol=1e-5
+            same = rest_row[CLASS_NAME] == grpc_name and np.allclose(
+                rest_row[PROBABILITIES], by_grpc[PROBABILITIES][index], atol=1e-5
             )
             agree &= bool(same)
-            probability = float(np.max(by_grpc["probabilities"][index]))
+            probability = float(np.max(by_grpc[PROBABILITIES][index]))
             print(
                 f"  {row['id']:<14}{row['label_name']:<12}{grpc_name:<12}{rest_row['class_name']:<12}{probability:>7.3f}"
             )

@@ -8,7 +8,6 @@ so the three answer identically.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import numpy as np
 from tensorflow_serving.apis import (
@@ -24,16 +23,16 @@ from multimodal_tf.compat import tf
 from multimodal_tf.serving import tensors
 from multimodal_tf.serving.errors import Code, ServingError, invalid_argument
 from multimodal_tf.serving.servable import (
-    CLASSIFY_METHOD,
     DEFAULT_SIGNATURE,
     REGRESS_METHOD,
     Servable,
 )
+from multimodal_tf.signatures import CLASSES, CLASSIFY_INPUTS, CLASSIFY_METHOD, SCORES
+from multimodal_tf.signatures import WARMUP_PATH as WARMUP_FILE
 
 Runner = Callable[[Servable, str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
-CLASSIFY_INPUTS, CLASSES, SCORES, REGRESS_OUTPUTS = "inputs", "classes", "scores", "outputs"
+REGRESS_OUTPUTS = "outputs"
 
 
 def direct_run(

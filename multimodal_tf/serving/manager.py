@@ -267,15 +267,3 @@ class ModelManager:
                     raise not_found(f"Could not find version {version} of model {name}")
                 return [dataclasses.replace(model.versions[version])]
             return [dataclasses.replace(model.versions[v]) for v in sorted(model.versions, reverse=True)]
-
-    @property
-    def model_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._models)
-
-    def available_versions(self, name: str) -> list[int]:
-        with self._lock:
-            model = self._models.get(name)
-            if model is None:
-                return []
-            return sorted(v for v, s in model.versions.items() if s.state == State.AVAILABLE)

@@ -19,6 +19,7 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from multimodal_tf.compat import tf
 from multimodal_tf.serving import tensors
 from multimodal_tf.serving.errors import Code, ServingError, from_tf_error, invalid_argument, not_found
+from multimodal_tf.signatures import DEFAULT_SIGNATURE
 
 try:  # The tf-text ops our exports use; TF Serving links them in the same way.
     import tensorflow_text  # noqa: F401
@@ -26,9 +27,7 @@ except ImportError:  # pragma: no cover - optional for generic SavedModels
     pass
 
 SERVE_TAG = "serve"
-DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 INIT_OP_SIGNATURE = "__saved_model_init_op"
 

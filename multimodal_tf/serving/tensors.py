@@ -83,11 +83,6 @@ def _numpy_dtype(dtype_enum: int) -> np.dtype:
     return np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
 
 
-@functools.cache
-def _dtype_enum(dtype: np.dtype) -> int:
-    return tf.dtypes.as_dtype(dtype).as_datatype_enum
-
-
 def from_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
     """TensorProto -> numpy; strings and ``tensor_content`` without tf.make_ndarray's overhead."""
     dims = [d.size for d in proto.tensor_shape.dim]

@@ -1,8 +1,9 @@
 """``mmtf serve`` and ``mmtf predict``: argparse subcommands over the serving library.
 
 The flags mirror ``tensorflow_model_server``'s (dashes for underscores), so a
-command line moves between this server and the real one unchanged.
-Standalone: ``python -m multimodal_tf.serving.cli serve ...``.
+command line moves between this server and the real one unchanged. The
+serving library (and so TensorFlow) is imported when a command runs, not
+when its parser is built.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from multimodal_tf.serving.errors import ServingError
+from multimodal_tf.cli.common import add_config_args, load_config
+from multimodal_tf.signatures import (
+    CLASS_ID,
+    CLASS_NAME,
+    CLASSES,
+    CLASSIFY_SIGNATURE,
+    DEFAULT_SIGNATURE,
+    PROBABILITIES,
+)
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -106,14 +115,19 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--version", type=int)
     choice.add_argument("--version-label")
-    parser.add_argument("--signature-name", default="serving_default")
+    parser.add_argument("--signature-name", default=DEFAULT_SIGNATURE)
     parser.add_argument("--image", help="image file")
     parser.add_argument("--text", help="text (a .txt path is read)")
     parser.add_argument("--audio", help="16-bit PCM WAV file")
-    parser.add_argument("--manifest", help="CSV with id,image,text,audio[,label]; paths relative to it")
+    parser.add_argument(
+        "--manifest",
+        help="CSV with id and media columns (data.columns of --config) and an optional label; "
+        "paths relative to it",
+    )
     parser.add_argument("--output", help="predictions CSV (with --manifest; default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per request")
     parser.add_argument("--timeout-seconds", type=float, default=30.0, help="deadline per request")
+    add_config_args(parser)  # data.columns and data.text.source for --manifest
     parser.set_defaults(func=predict_command)
     return parser
 
@@ -131,6 +145,8 @@ def _predictor(args):
 
 
 def _error_text(error: Exception) -> str:
+    from multimodal_tf.serving.errors import ServingError  # noqa: PLC0415
+
     if isinstance(error, grpc.RpcError):
         return f"{error.code().name}: {error.details()}"
     if isinstance(error, ServingError):
@@ -140,6 +156,8 @@ def _error_text(error: Exception) -> str:
 
 def _is_input_error(error: Exception) -> bool:
     """A bad input (one row's fault), as opposed to an unreachable server or missing model."""
+    from multimodal_tf.serving.errors import ServingError  # noqa: PLC0415
+
     if isinstance(error, grpc.RpcError):
         return error.code() == grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, ServingError):
@@ -147,15 +165,16 @@ def _is_input_error(error: Exception) -> bool:
     return isinstance(error, OSError | ValueError | TypeError)
 
 
-def class_names(predictor, signature_name: str = "classify") -> list[str] | None:
+def class_names(predictor, signature_name: str = CLASSIFY_SIGNATURE) -> list[str] | None:
     """Class names in probability order, from the classify signature (None if it has none)."""
-    from multimodal_tf.compat import tf
+    from multimodal_tf.compat import tf  # noqa: PLC0415
+    from multimodal_tf.serving.errors import ServingError  # noqa: PLC0415
 
     try:
         result = predictor.classify([tf.train.Example()], signature_name=signature_name)
     except (grpc.RpcError, ServingError, ValueError):
         return None
-    return [str(name) for name in result["classes"][0]]
+    return [str(name) for name in result[CLASSES][0]]
 
 
 def _text_cell(cell: str, base: Path) -> str:
@@ -166,29 +185,27 @@ def _text_cell(cell: str, base: Path) -> str:
     return cell
 
 
-def read_prediction_manifest(path: str | Path) -> list[dict]:
-    """Rows of id,image,text,audio[,label]; media paths resolved against the manifest's folder."""
-    path = Path(path)
-    base = path.parent
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        if "id" not in header or not {"image", "text", "audio"} & set(header):
-            raise ValueError(
-                f"{path}: needs an 'id' column and at least one of image, text, audio; has {header}"
-            )
-        rows = []
-        for row in reader:
-            rows.append(
-                {
-                    "id": row["id"],
-                    "image": str(base / row["image"].strip()) if (row.get("image") or "").strip() else None,
-                    "text": _text_cell(row["text"], base) if (row.get("text") or "").strip() else None,
-                    "audio": str(base / row["audio"].strip()) if (row.get("audio") or "").strip() else None,
-                    "label": row.get("label"),
-                }
-            )
-    return rows
+def read_prediction_manifest(path: str | Path, args=None) -> list[dict]:
+    """Rows of a manifest to predict, read by ``data.manifest`` (``data.columns`` of ``--config``).
+
+    Only the id column and one media column are required; media paths are
+    resolved against the manifest's folder and a text cell naming a .txt file
+    is read from it (``data.text.source``).
+    """
+    from multimodal_tf.data.manifest import read_manifest  # noqa: PLC0415
+
+    config = load_config(args or argparse.Namespace())
+    manifest = read_manifest(path, config.data, labelled=False)
+    return [
+        {
+            "id": r.id,
+            "image": r.image or None,
+            "text": r.text or None,  # bytes as read: the model gets them unchanged
+            "audio": r.audio or None,
+            "label": r.label or None,
+        }
+        for r in manifest.records
+    ]
 
 
 def _predict_rows(predictor, rows: list[dict], args) -> list[dict | Exception]:
@@ -216,7 +233,7 @@ def _predict_rows(predictor, rows: list[dict], args) -> list[dict | Exception]:
 
 def _write_predictions(rows, results, names, output) -> int:
     has_label = any(r["label"] not in (None, "") for r in rows)
-    width = next((len(r["probabilities"]) for r in results if isinstance(r, dict)), len(names or []))
+    width = next((len(r[PROBABILITIES]) for r in results if isinstance(r, dict)), len(names or []))
     names = names if names and len(names) == width else [str(i) for i in range(width)]
     header = (
         ["id"] + (["label"] if has_label else []) + ["predicted"] + [f"prob_{n}" for n in names] + ["error"]
@@ -230,15 +247,15 @@ def _write_predictions(rows, results, names, output) -> int:
             failures += 1
             line += [""] + [""] * width + [_error_text(result)]
         else:
-            name = result["class_name"]
+            name = result[CLASS_NAME]
             line += [name.decode() if isinstance(name, bytes) else str(name)]
-            line += [f"{p:.6f}" for p in np.asarray(result["probabilities"]).tolist()] + [""]
+            line += [f"{p:.6f}" for p in np.asarray(result[PROBABILITIES]).tolist()] + [""]
         writer.writerow(line)
     return failures
 
 
 def _predict_manifest(predictor, args) -> int:
-    rows = read_prediction_manifest(args.manifest)
+    rows = read_prediction_manifest(args.manifest, args)
     results = []
     for start in range(0, len(rows), args.batch_size):
         results += _predict_rows(predictor, rows[start : start + args.batch_size], args)
@@ -254,6 +271,8 @@ def _predict_manifest(predictor, args) -> int:
 
 
 def predict_command(args) -> int:
+    from multimodal_tf.serving.errors import ServingError  # noqa: PLC0415
+
     if not args.manifest and not (args.image or args.text or args.audio):
         raise ValueError("give --image/--text/--audio or --manifest")
     try:
@@ -271,30 +290,13 @@ def predict_command(args) -> int:
         print(f"mmtf predict: {_error_text(e)}", file=sys.stderr)
         return 1
     names = class_names(predictor)
-    probabilities = outputs["probabilities"][0].tolist()
+    probabilities = outputs[PROBABILITIES][0].tolist()
     keys = names if names and len(names) == len(probabilities) else list(range(len(probabilities)))
-    name = outputs["class_name"][0]
+    name = outputs[CLASS_NAME][0]
     result = {
-        "class_name": name.decode() if isinstance(name, bytes) else str(name),
-        "class_id": int(outputs["class_id"][0]),
-        "probabilities": {str(k): round(p, 6) for k, p in zip(keys, probabilities, strict=True)},
+        CLASS_NAME: name.decode() if isinstance(name, bytes) else str(name),
+        CLASS_ID: int(outputs[CLASS_ID][0]),
+        PROBABILITIES: {str(k): round(p, 6) for k, p in zip(keys, probabilities, strict=True)},
     }
     print(json.dumps(result, indent=2))
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m multimodal_tf.serving.cli")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_serve_parser(subparsers)
-    add_predict_parser(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, OSError) as e:
-        print(f"{args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

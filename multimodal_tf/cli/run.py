@@ -1,0 +1,73 @@
+"""``mmtf train``, ``mmtf evaluate`` and ``mmtf export``: a run directory's life."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from multimodal_tf.cli.common import add_config_args, load_config
+
+
+def cmd_train(args) -> int:
+    from multimodal_tf.training import train  # noqa: PLC0415
+
+    overrides = []
+    if args.manifest:
+        overrides.append(f"data.manifest={args.manifest}")
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.strategy:
+        overrides.append(f"train.strategy={args.strategy}")
+    if args.tpu:
+        overrides.append(f"train.tpu={args.tpu}")
+    run_dir = train(load_config(args, overrides))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from multimodal_tf.evaluation import evaluate  # noqa: PLC0415
+
+    report = evaluate(
+        args.run_dir, split=args.split, compare=tuple(args.compare or ()), ablation=not args.no_ablation
+    )
+    m = report["metrics"]
+    print(
+        f"{args.split}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, log loss {m['log_loss']:.4f}"
+    )
+    for row in report.get("ablation", []):
+        print(f"  {row['setting']:<16} accuracy {row['accuracy']:.4f}")
+    print(f"report: {Path(args.run_dir) / 'report.md'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from multimodal_tf.export import export_run  # noqa: PLC0415
+
+    path = export_run(args.run_dir, args.base_path, args.model_name, version=args.version)
+    print(f"exported {path}")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    """Adds ``train``, ``evaluate`` and ``export``."""
+    p = subparsers.add_parser("train", help="train a model from a config")
+    add_config_args(p)
+    p.add_argument("--manifest", help="shortcut for --set data.manifest=...")
+    p.add_argument("--output-dir", help="shortcut for --set train.output_dir=...")
+    p.add_argument("--strategy", help="default | mirrored | multi_worker | parameter_server | tpu")
+    p.add_argument("--tpu", help="TPU name or 'local' (with --strategy tpu)")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("evaluate", help="metrics, plots and modality ablation of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test")
+    p.add_argument("--compare", nargs="*", help="other run dirs (e.g. unimodal baselines) for the table")
+    p.add_argument("--no-ablation", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("export", help="write a versioned SavedModel for TF Serving")
+    p.add_argument("run_dir")
+    p.add_argument("--base-path", default="models")
+    p.add_argument("--model-name", default="mmtf")
+    p.add_argument("--version", type=int, help="default: next integer")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,185 @@
+"""The training recipe: how a config becomes a compiled model, datasets and callbacks.
+
+``mmtf train`` (training.py), every Keras Tuner trial (tuning/) and any later
+way of training (distillation, multi-task) call these functions, so a model
+is trained and scored the same way wherever it is trained:
+
+* :func:`compile_model`: ``build_model`` + optimizer (schedule, weight
+  averaging), loss and metrics.
+* :func:`datasets_for`: the train and val datasets of the real pipeline, with
+  head targets and class weights, shaped for the distribution strategy.
+* :func:`callbacks_for`: the callbacks that change what a run learns or
+  which weights it keeps (weight-average swap, early stopping with the best
+  weights restored, plateau schedule), around the caller's own callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from multimodal_tf import distribute
+from multimodal_tf.callbacks import SwapEMAWeights
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import ExperimentConfig
+from multimodal_tf.data.metadata import DatasetMetadata
+from multimodal_tf.data.pipeline import make_dataset
+from multimodal_tf.data.text import vocabulary_size
+from multimodal_tf.models import build_model, labels_for_head, loss_for
+
+
+def set_seed(seed: int) -> None:
+    """Seeds Python, NumPy and TF and makes TF ops deterministic."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def num_classes_of(config: ExperimentConfig, metadata: DatasetMetadata) -> int:
+    """``model.num_classes``, or the dataset's class count when it is 0."""
+    return config.model.num_classes or metadata.num_classes
+
+
+def steps_per_epoch(config: ExperimentConfig, metadata: DatasetMetadata) -> int:
+    """Training batches in one pass over the train split."""
+    return math.ceil(metadata.counts["train"]["examples"] / config.data.batch_size)
+
+
+def class_weights(metadata: DatasetMetadata, mode: str) -> np.ndarray | None:
+    """Per-class weights ("balanced": N / (K * n_c)), or None."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise ValueError(f"train.class_weights must be none or balanced, got {mode!r}")
+    counts = np.array([metadata.counts["train"]["labels"][n] for n in metadata.label_names], np.float64)
+    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return weights.astype(np.float32)
+
+
+def supervised_dataset(dataset, config, num_classes, weights=None):
+    """(features, int label) -> (features, head target[, sample weight])."""
+
+    def to_targets(x, y):
+        target = labels_for_head(y, config, num_classes)
+        if weights is None:
+            return x, target
+        return x, target, tf.gather(tf.constant(weights), y)
+
+    return dataset.map(to_targets, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def make_optimizer(config: ExperimentConfig, steps_per_epoch: int, num_replicas: int = 1):
+    """The configured optimizer, learning-rate schedule and weight averaging."""
+    train = config.train
+    learning_rate = train.learning_rate * (num_replicas if train.scale_learning_rate else 1)
+    if train.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=max(1, train.epochs * steps_per_epoch), alpha=0.05
+        )
+    elif train.lr_schedule not in ("constant", "plateau"):  # plateau: a callback (callbacks_for)
+        raise ValueError(f"train.lr_schedule must be cosine, constant or plateau; got {train.lr_schedule!r}")
+    if not 0.0 <= train.ema_momentum < 1.0:
+        raise ValueError(f"train.ema_momentum must be in [0, 1); got {train.ema_momentum}")
+    ema = {"use_ema": train.ema_momentum > 0, "ema_momentum": train.ema_momentum}
+    if train.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate, **ema)
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=train.weight_decay, **ema)
+    if train.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, **ema)
+    raise ValueError(f"train.optimizer must be adam, adamw or sgd; got {train.optimizer!r}")
+
+
+def metrics_for(config: ExperimentConfig):
+    """Accuracy (multiclass), or accuracy and AUC (binary / multilabel heads)."""
+    if config.model.head.type == "multiclass":
+        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    return [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
+
+
+def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_replicas: int = 1):
+    """``build_model`` compiled with the config's optimizer, loss and metrics.
+
+    Call it inside the distribution strategy's scope (Keras Tuner's
+    ``distribution_strategy`` does that for trials).
+    """
+    if config.train.mixed_precision:
+        keras.mixed_precision.set_global_policy(config.train.mixed_precision)
+    model = build_model(
+        config, num_classes_of(config, metadata), vocabulary_size(config.data.text, metadata.vocabulary)
+    )
+    model.compile(
+        optimizer=make_optimizer(config, steps_per_epoch(config, metadata), num_replicas),
+        loss=loss_for(config),
+        metrics=metrics_for(config),
+        jit_compile=config.train.jit_compile,
+        steps_per_execution=config.train.steps_per_execution,
+    )
+    return model
+
+
+def datasets_for(config: ExperimentConfig, metadata: DatasetMetadata, strategy=None):
+    """``(train, val, fit_steps)``: what ``model.fit`` gets for ``strategy``.
+
+    ``fit_steps`` holds ``steps_per_epoch``/``validation_steps`` when the
+    strategy needs repeated input (multi-worker, parameter server), else it
+    is empty. ``strategy=None`` is the default (one-device) strategy.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    num_classes = num_classes_of(config, metadata)
+    weights = class_weights(metadata, config.train.class_weights)
+    repeat = distribute.needs_repeated_input(strategy)
+    drop = config.train.strategy == "tpu"  # TPUs need static shapes
+
+    def train_fn(context=None):
+        ds = make_dataset(config, "train", context, metadata=metadata, drop_remainder=drop)
+        ds = supervised_dataset(ds, config, num_classes, weights)
+        return ds.repeat() if repeat else ds
+
+    def val_fn(context=None):
+        ds = make_dataset(config, "val", context, training=False, metadata=metadata, drop_remainder=drop)
+        ds = supervised_dataset(ds, config, num_classes)
+        return ds.repeat() if repeat else ds
+
+    fit_steps = {}
+    if repeat:
+        batch_size = config.data.batch_size
+        fit_steps = {
+            "steps_per_epoch": max(1, metadata.counts["train"]["examples"] // batch_size),
+            "validation_steps": max(1, metadata.counts["val"]["examples"] // batch_size),
+        }
+    if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
+        creator = keras.utils.experimental.DatasetCreator
+        return creator(train_fn), creator(val_fn), fit_steps
+    if repeat:  # each worker reads its share (InputContext) in per-replica batches
+        return (
+            strategy.distribute_datasets_from_function(train_fn),
+            strategy.distribute_datasets_from_function(val_fn),
+            fit_steps,
+        )
+    # One worker (default, mirrored, TPU): finite datasets, and Keras splits
+    # each global batch over the local replicas.
+    return train_fn(), val_fn(), fit_steps
+
+
+def callbacks_for(config: ExperimentConfig, between: Sequence = ()) -> list:
+    """The recipe's callbacks around the caller's (``between``: checkpoints, logs, a tuner's).
+
+    The weight-average swap comes first so that everything after it (the
+    caller's checkpoints, Keras Tuner's best-epoch tracking, early stopping)
+    sees the averaged weights; early stopping restores the best epoch's
+    weights; ``lr_schedule: plateau`` halves the rate after 2 flat epochs.
+    """
+    train = config.train
+    callbacks = [SwapEMAWeights()] if train.ema_momentum > 0 else []
+    callbacks += list(between)
+    if train.early_stopping_patience > 0:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=train.monitor, patience=train.early_stopping_patience, restore_best_weights=True
+            )
+        )
+    if train.lr_schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=train.monitor, factor=0.5, patience=2))
+    return callbacks

@@ -1,0 +1,27 @@
+"""Names shared by the export (writer) and the serving side (reader) of a SavedModel.
+
+Imports nothing heavy, so clients and the CLI can use it without TensorFlow.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+# Signature keys of an mmtf export.
+DEFAULT_SIGNATURE = "serving_default"  # raw inputs: one string tensor per modality
+PREDICT_EXAMPLES_SIGNATURE = "predict_examples"  # serialized tf.Example ("examples")
+CLASSIFY_SIGNATURE = "classify"  # TF Serving's Classify API ("inputs" -> classes, scores)
+PREDICT_FEATURES_SIGNATURE = "predict_features"  # preprocessed model features
+
+# TF2 writes every signature as ".../predict"; the export rewrites classify's.
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+CLASSIFY_INPUTS, CLASSES, SCORES = "inputs", "classes", "scores"
+EXAMPLES_INPUT = "examples"
+
+# Outputs of the predict signatures (plus one "<modality>_present" per modality).
+PROBABILITIES, CLASS_ID, CLASS_NAME = "probabilities", "class_id", "class_name"
+
+# TF Serving replays these requests before a version takes traffic.
+ASSETS_EXTRA = "assets.extra"
+WARMUP_FILE_NAME = "tf_serving_warmup_requests"
+WARMUP_PATH = PurePosixPath(ASSETS_EXTRA) / WARMUP_FILE_NAME
