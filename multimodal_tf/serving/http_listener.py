@@ -145,6 +145,8 @@ class PooledHTTPServer(socketserver.TCPServer):
                 continue
             try:
                 self.finish_request(request, client_address)
+            except OSError as e:  # the client went away, or the watchdog cut it off
+                logger.info("REST: connection from %s ended: %s", client_address[0], e)
             except Exception:  # noqa: BLE001 - one connection's failure must not end the worker
                 logger.warning("REST: connection from %s failed", client_address[0], exc_info=True)
             finally:
