@@ -233,7 +233,11 @@ def test_oversize_request_is_split_into_execution_batches(tmp_path, splitting):
         request.inputs[name].CopyFrom(tf.make_tensor_proto(values, tf.string))
     with (
         ModelServer(
-            [ModelSpec("m", str(tmp_path / "m"))], port=0, rest_api_port=None, batching=batching
+            [ModelSpec("m", str(tmp_path / "m"))],
+            port=0,
+            rest_api_port=None,
+            batching=batching,
+            max_request_rows=100,  # so the batcher's own limit is what answers
         ) as server,
         grpc.insecure_channel(server.grpc_target) as channel,
     ):
