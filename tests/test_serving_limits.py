@@ -88,7 +88,8 @@ def test_connections_are_served_by_a_bounded_pool(small_rest):
     idle = [socket.create_connection(("127.0.0.1", small_rest.port), timeout=5) for _ in range(12)]
     try:
         time.sleep(0.3)
-        # 2 workers + 2 queued hold their connections; the other 8 are refused with a 503 at once.
+        # 2 queued (+ up to 2 already taken by the workers) hold their connections;
+        # the others are refused with a 503 at once.
         refused = 0
         for sock in idle:
             sock.settimeout(0.5)
@@ -99,7 +100,7 @@ def test_connections_are_served_by_a_bounded_pool(small_rest):
             if data.startswith(b"HTTP/1.1 503"):
                 refused += 1
                 assert b"server overloaded" in data
-        assert refused == 8
+        assert 8 <= refused <= 10
         assert threading.active_count() <= before  # no thread per connection
     finally:
         for sock in idle:
