@@ -56,13 +56,16 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="rss_bench_"))
     helpers.make_test_savedmodel(base, "m", 1)
     mib = 1 << 20
-    with ModelServer(
-        [ModelSpec("m", str(base / "m"))],
-        port=0,
-        rest_api_port=None,
-        file_system_poll_wait_seconds=0,
-        max_request_rows=args.rows,
-    ) as server, grpc.insecure_channel(server.grpc_target) as channel:
+    with (
+        ModelServer(
+            [ModelSpec("m", str(base / "m"))],
+            port=0,
+            rest_api_port=None,
+            file_system_poll_wait_seconds=0,
+            max_request_rows=args.rows,
+        ) as server,
+        grpc.insecure_channel(server.grpc_target) as channel,
+    ):
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         stub.Predict(_request(2, png), timeout=60)
         results = {"rows": args.rows, "image_size": args.image_size, "trim": not args.no_trim}
