@@ -184,3 +184,23 @@ def test_serve_exits_soon_after_grace_seconds_under_load(tmp_path):
         output = log.read()
         log.close()
     assert "server stopped" in output, output[-2000:]
+
+
+def test_serve_flags_for_limits_and_retries():
+    import argparse
+
+    from multimodal_tf.serving import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model-base-path", "/m"])
+    assert (args.max_request_rows, args.max_num_load_retries, args.load_retry_interval_micros) == (
+        None,
+        5,
+        60_000_000,
+    )
+    args = parser.parse_args(
+        ["serve", "--model-base-path", "/m", "--max-request-rows", "64", "--max-num-load-retries", "0"]
+        + ["--load-retry-interval-micros", "500000", "--rest-api-num-threads", "8"]
+    )
+    assert (args.max_request_rows, args.max_num_load_retries, args.rest_api_num_threads) == (64, 0, 8)

@@ -57,6 +57,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "--max-request-rows", type=int, help="rows per request (default: max_batch_size, or 1024)"
     )
     parser.add_argument("--max-num-load-retries", type=int, default=5, help="retries of a failed load")
+    parser.add_argument("--rest-api-num-threads", type=int, default=32, help="REST worker threads")
     parser.add_argument(
         "--load-retry-interval-micros", type=int, default=60_000_000, help="wait between load retries"
     )
@@ -95,6 +96,7 @@ def serve_command(args) -> int:
         max_request_rows=args.max_request_rows,
         max_num_load_retries=args.max_num_load_retries,
         load_retry_interval_seconds=args.load_retry_interval_micros / 1e6,
+        rest_workers=args.rest_api_num_threads,
     )
     try:
         server.start()
