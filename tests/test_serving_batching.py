@@ -162,15 +162,11 @@ def test_server_batches_concurrent_requests_with_unbatched_results(batching_serv
         np.testing.assert_allclose(results[index], expected, atol=1e-5)
 
 
-def test_request_larger_than_max_batch_runs_alone(batching_server):
+def test_request_larger_than_max_batch_is_refused(batching_server):
+    # As TF Serving without large batch splitting (test_serving_limits covers splitting).
     inputs = helpers.make_inputs(12, seed=3)
     with grpc.insecure_channel(batching_server.grpc_target) as channel:
-        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-            _request(inputs), timeout=30
-        )
-    probabilities = tf.make_ndarray(response.outputs["probabilities"])
-    expected = batching_server.local.predict(
-        images=inputs["image"], texts=inputs["text"], audios=inputs["audio"]
-    )
-    np.testing.assert_allclose(probabilities, expected["probabilities"], atol=1e-5)
-    assert batching_server.metrics.counter("model_runs", model_name="m") >= 1
+        with pytest.raises(grpc.RpcError) as error:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(_request(inputs), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has 12 rows; the limit per request is 8" in error.value.details()

@@ -148,8 +148,8 @@ class _Cases:
         cases = [
             ({"name": word + "x"}, C.NOT_FOUND),
             ({"version": int(self.rng.integers(2, 2**40))}, C.NOT_FOUND),
-            ({"version_label": word}, C.NOT_FOUND),
-            ({"signature_name": word}, C.NOT_FOUND),
+            ({"version_label": word}, C.INVALID_ARGUMENT),  # TF Serving's codes
+            ({"signature_name": word}, C.FAILED_PRECONDITION),
             ({"name": ""}, C.INVALID_ARGUMENT),
         ]
         spec, code = cases[self.rng.integers(len(cases))]

@@ -154,7 +154,9 @@ def test_status(client):
         (2, "AVAILABLE", "OK"),
         (1, "AVAILABLE", "OK"),
     ]
-    assert client.status(version_label="stable")[0]["version"] == 1
+    # TF Serving's GetModelStatus ignores version_label: every version is listed.
+    assert [s["version"] for s in client.status(version_label="stable")] == [2, 1]
+    assert [s["version"] for s in client.status(version_label="no-such-label")] == [2, 1]
     assert client.status(version=2)[0]["state"] == "AVAILABLE"
 
 
@@ -176,17 +178,33 @@ def test_other_signatures(client):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "code", "message"),
     [
-        ({"version": 7}, "Specific(m, 7)"),
-        ({"version_label": "nope"}, "Unrecognized servable version label: nope"),
-        ({"signature_name": "nope"}, 'Serving signature key "nope" not found'),
+        ({"version": 7}, grpc.StatusCode.NOT_FOUND, "Specific(m, 7)"),
+        # TF Serving's codes: ServerCore (label), predict_util.cc (signature).
+        (
+            {"version_label": "nope"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Unrecognized servable version label: nope",
+        ),
+        (
+            {"signature_name": "nope"},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            'Serving signature key "nope" not found',
+        ),
     ],
 )
-def test_not_found(client, kwargs, message):
+def test_unknown_version_or_signature(client, kwargs, code, message):
     error = _code(client.predict_tensors, {"image": np.array([b""], dtype=object)}, **kwargs)
-    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.code() == code
     assert message in error.details()
+
+
+def test_classify_unknown_signature_is_invalid_argument(client):
+    examples = helpers.serialized_examples(helpers.make_inputs(1))
+    error = _code(client.classify, examples, signature_name="nope")
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'signature key "nope" not found' in error.details()
 
 
 def test_unknown_model_not_found(server):
@@ -239,7 +257,8 @@ def test_wrong_rpc_for_signature(client, stub):
     request.metadata_field.append("bogus")
     assert _code(stub.GetModelMetadata, request, timeout=5).code() == grpc.StatusCode.INVALID_ARGUMENT
     multi = inference_pb2.MultiInferenceRequest()
-    assert _code(stub.MultiInference, multi, timeout=5).code() == grpc.StatusCode.UNIMPLEMENTED
+    error = _code(stub.MultiInference, multi, timeout=5)
+    assert (error.code(), error.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "Expected at least one task")
 
 
 def test_expired_deadline_is_deadline_exceeded(client, stub):

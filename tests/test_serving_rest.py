@@ -64,9 +64,9 @@ def test_status_routes(server):
         "status": {"error_code": "OK", "error_message": ""},
     }
     assert _request(server, "GET", "/v1/models/m/versions/1")[1]["model_version_status"][0]["version"] == "1"
-    assert (
-        _request(server, "GET", "/v1/models/m/labels/stable")[1]["model_version_status"][0]["version"] == "1"
-    )
+    # TF Serving's GetModelStatus ignores the label: every version is listed.
+    labelled = _request(server, "GET", "/v1/models/m/labels/stable")[1]["model_version_status"]
+    assert [s["version"] for s in labelled] == ["2", "1"]
 
 
 def test_metadata_route(server):
@@ -140,11 +140,11 @@ def test_classify_route(server):
     [
         ("GET", "/v1/models/nope", None, 404, "Could not find any versions of model nope"),
         ("GET", "/v1/models/m/versions/9", None, 404, "Could not find version 9"),
-        ("GET", "/v1/models/m/labels/x/metadata", None, 404, "Unrecognized servable version label"),
+        ("GET", "/v1/models/m/labels/x/metadata", None, 400, "Unrecognized servable version label"),
         ("GET", "/v2/models/m", None, 404, "Malformed request"),
-        ("GET", "/v1/models/m:predict", None, 404, "Malformed request"),
+        ("GET", "/v1/models/m:predict", None, 400, "Malformed request"),
         ("POST", "/v1/models/m/versions/9:predict", {"instances": [{"text": ""}]}, 404, "Specific(m, 9)"),
-        ("POST", "/v1/models/m:predict", {"signature_name": "x", "instances": [1]}, 404, 'signature key "x"'),
+        ("POST", "/v1/models/m:predict", {"signature_name": "x", "instances": [1]}, 400, 'signature key "x"'),
         (
             "POST",
             "/v1/models/m:predict",
@@ -181,7 +181,14 @@ def test_classify_route(server):
             400,
             "not a PNG",
         ),
-        ("POST", "/v1/models/m:predict", {"inputs": {"text": [[""], ["", ""]]}}, 400, "rectangular"),
+        (
+            "POST",
+            "/v1/models/m:predict",
+            {"inputs": {"text": [[""], ["", ""]], "image": [""], "audio": [""]}},
+            400,
+            "rectangular",
+        ),
+        ("POST", "/v1/models/m:predict", {"inputs": {"text": [""]}}, 400, "Missing named input: audio"),
         ("POST", "/v1/models/m:classify", {"examples": []}, 400, "'examples'"),
         (
             "POST",

@@ -62,13 +62,21 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--grace-seconds", type=float, default=10.0, help="time in-flight requests get on SIGTERM"
     )
+    parser.add_argument(
+        "--max-request-rows", type=int, help="rows per request (default: max_batch_size, or 1024)"
+    )
+    parser.add_argument("--max-num-load-retries", type=int, default=5, help="retries of a failed load")
+    parser.add_argument("--rest-api-num-threads", type=int, default=32, help="REST worker threads")
+    parser.add_argument(
+        "--load-retry-interval-micros", type=int, default=60_000_000, help="wait between load retries"
+    )
     parser.set_defaults(func=serve_command)
     return parser
 
 
 def serve_command(args) -> int:
     from multimodal_tf.serving import config as config_lib
-    from multimodal_tf.serving.server import ModelServer
+    from multimodal_tf.serving.server import ModelServer, exit_process
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     batching = None
@@ -94,6 +102,10 @@ def serve_command(args) -> int:
         metrics_path=metrics_path,
         grpc_max_message_bytes=args.grpc_max_message_bytes,
         request_timeout_seconds=args.request_timeout_seconds,
+        max_request_rows=args.max_request_rows,
+        max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_seconds=args.load_retry_interval_micros / 1e6,
+        rest_workers=args.rest_api_num_threads,
     )
     try:
         server.start()
@@ -102,7 +114,7 @@ def serve_command(args) -> int:
         return 1
     print(f"gRPC {server.grpc_target}  REST {server.rest_url or 'off'}", flush=True)
     server.serve_until_signal(args.grace_seconds)
-    return 0
+    exit_process(0)
 
 
 def add_predict_parser(subparsers) -> argparse.ArgumentParser:

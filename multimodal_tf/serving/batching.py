@@ -83,10 +83,11 @@ class BatchScheduler:
             key: what must match for requests to merge (input names, dtypes, shapes).
             run: runs the signature on merged inputs.
             inputs: this request's inputs, batch dimension first.
-            size: this request's batch size (<= max_batch_size).
+            size: this request's batch size (<= the execution batch size; the caller
+                splits larger requests, as TF Serving's large batch splitting does).
         """
         task = _Task(inputs, size, concurrent.futures.Future())
-        max_size = self.options.max_batch_size
+        max_size = self.options.execution_batch_size
         with self._cond:
             if self._stopped:
                 raise ServingError(Code.UNAVAILABLE, "server is shutting down")

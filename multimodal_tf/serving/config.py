@@ -63,11 +63,21 @@ class ModelSpec:
         return dict(self.version_labels)
 
 
+def _is_absolute(path: str) -> bool:
+    return os.path.isabs(path) or "://" in path
+
+
 def _spec_from_proto(config: model_server_config_pb2.ModelConfig, where: str) -> ModelSpec:
     if not config.name:
         raise ServingConfigError(f"{where}: a model config has no name")
     if not config.base_path:
         raise ServingConfigError(f"{where}: model {config.name!r} has no base_path")
+    if not _is_absolute(config.base_path):
+        # As TF Serving's ServerCore: a relative path would depend on the server's cwd.
+        raise ServingConfigError(
+            f"{where}: Expected model {config.name} to have an absolute path or URI; "
+            f"got base_path()={config.base_path}"
+        )
     if config.model_platform not in ("", "tensorflow"):
         raise ServingConfigError(
             f"{where}: model {config.name!r}: model_platform {config.model_platform!r} is not supported (only 'tensorflow')"
@@ -181,6 +191,18 @@ class BatchingOptions:
     num_batch_threads: int = os.cpu_count() or 1
     max_enqueued_batches: int = 10
     allowed_batch_sizes: tuple[int, ...] = ()
+    # TF Serving's large batch splitting: a request of up to max_batch_size
+    # rows is cut into pieces of at most max_execution_batch_size rows, each
+    # batched and run on its own (so no single run is bigger than that).
+    enable_large_batch_splitting: bool = False
+    max_execution_batch_size: int | None = None
+
+    @property
+    def execution_batch_size(self) -> int:
+        """The most rows one run of the model gets."""
+        if self.enable_large_batch_splitting and self.max_execution_batch_size:
+            return self.max_execution_batch_size
+        return self.max_batch_size
 
     def __post_init__(self):
         for name in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
@@ -190,10 +212,18 @@ class BatchingOptions:
             raise ServingConfigError(
                 f"batching parameter batch_timeout_micros must be >= 0, got {self.batch_timeout_micros}"
             )
-        sizes = self.allowed_batch_sizes
-        if sizes and (list(sizes) != sorted(set(sizes)) or sizes[-1] != self.max_batch_size or sizes[0] < 1):
+        execution = self.execution_batch_size
+        if not 1 <= execution <= self.max_batch_size:
             raise ServingConfigError(
-                f"allowed_batch_sizes {list(sizes)} must be increasing and end with max_batch_size {self.max_batch_size}"
+                f"batching parameter max_execution_batch_size must be in [1, max_batch_size "
+                f"{self.max_batch_size}], got {execution}"
+            )
+        sizes = self.allowed_batch_sizes
+        # As TF Serving: the last allowed size is the largest batch one run gets.
+        if sizes and (list(sizes) != sorted(set(sizes)) or sizes[-1] != execution or sizes[0] < 1):
+            raise ServingConfigError(
+                f"allowed_batch_sizes {list(sizes)} must be increasing and end with "
+                f"{'max_execution_batch_size' if execution != self.max_batch_size else 'max_batch_size'} {execution}"
             )
 
 
@@ -211,6 +241,9 @@ def parse_batching_parameters(text: str, where: str = "<batching parameters>") -
     values = {}
     for name in ("max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches"):
         values[name] = getattr(message, name).value if message.HasField(name) else getattr(defaults, name)
+    values["enable_large_batch_splitting"] = message.enable_large_batch_splitting.value
+    if message.HasField("max_execution_batch_size"):
+        values["max_execution_batch_size"] = message.max_execution_batch_size.value
     try:
         return BatchingOptions(allowed_batch_sizes=tuple(message.allowed_batch_sizes), **values)
     except ServingConfigError as e:
@@ -218,15 +251,8 @@ def parse_batching_parameters(text: str, where: str = "<batching parameters>") -
 
 
 def _unsupported_fields(message) -> list[str]:
-    """Fields that change results or splitting, which this server does not implement."""
-    names = []
-    if message.pad_variable_length_inputs:
-        names.append("pad_variable_length_inputs")
-    if message.HasField("enable_large_batch_splitting") and message.enable_large_batch_splitting.value:
-        names.append("enable_large_batch_splitting")
-    if message.HasField("max_execution_batch_size"):
-        names.append("max_execution_batch_size")
-    return names
+    """Fields that change results, which this server does not implement."""
+    return ["pad_variable_length_inputs"] if message.pad_variable_length_inputs else []
 
 
 def load_batching_parameters(path: str | os.PathLike) -> BatchingOptions:

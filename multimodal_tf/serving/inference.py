@@ -13,6 +13,7 @@ import numpy as np
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
+    inference_pb2,
     model_pb2,
     predict_pb2,
     prediction_log_pb2,
@@ -48,11 +49,17 @@ def fill_model_spec(spec: model_pb2.ModelSpec, servable: Servable, signature_nam
 
 
 def predict(
-    servable: Servable, request: predict_pb2.PredictRequest, run: Runner, max_elements: int
+    servable: Servable,
+    request: predict_pb2.PredictRequest,
+    run: Runner,
+    max_elements: int,
+    max_rows: int | None = None,
 ) -> predict_pb2.PredictResponse:
     name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    servable.signature(name)  # NOT_FOUND before any conversion work
-    inputs = {key: tensors.to_ndarray(proto, key, max_elements) for key, proto in request.inputs.items()}
+    servable.signature(name)  # FAILED_PRECONDITION before any conversion work
+    inputs = {
+        key: tensors.to_ndarray(proto, key, max_elements, max_rows) for key, proto in request.inputs.items()
+    }
     outputs = predict_arrays(servable, name, inputs, request.output_filter, run)
     response = predict_pb2.PredictResponse()
     fill_model_spec(response.model_spec, servable, name)
@@ -73,7 +80,7 @@ def predict_arrays(
 
 def _example_signature(servable: Servable, signature_name: str, method: str, what: str):
     name = signature_name or DEFAULT_SIGNATURE
-    signature = servable.signature(name)
+    signature = servable.signature(name, Code.INVALID_ARGUMENT)
     if signature.method_name != method:
         raise invalid_argument(
             f"Expected {what} signature method_name to be {method}. Was: {signature.method_name} "
@@ -147,6 +154,52 @@ def regress(
     fill_model_spec(response.model_spec, servable, name)
     for value in values.reshape(-1):
         response.result.regressions.add(value=float(value))
+    return response
+
+
+def _model_of(spec: model_pb2.ModelSpec) -> model_pb2.ModelSpec:
+    """The spec without its signature: which model version it names."""
+    model = model_pb2.ModelSpec()
+    model.CopyFrom(spec)
+    model.ClearField("signature_name")
+    return model
+
+
+def multi_inference(
+    servable: Servable, request: inference_pb2.MultiInferenceRequest, run: Runner
+) -> inference_pb2.MultiInferenceResponse:
+    """Classify and Regress tasks over one shared ``Input`` (TF Serving's multi_inference.cc).
+
+    Every task must name the same model and version, and each signature may
+    be used once. The tasks run one after another on the same examples.
+    """
+    tasks = list(request.tasks)
+    if not tasks:
+        raise invalid_argument("Expected at least one task")
+    signatures = set()
+    for task in tasks:
+        if _model_of(task.model_spec) != _model_of(tasks[0].model_spec):
+            raise invalid_argument(
+                "All ModelSpecs in a MultiInferenceRequest must access the same model version."
+            )
+        if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+            raise invalid_argument(f"Unsupported signature method_name: {task.method_name}")
+        signature = task.model_spec.signature_name or DEFAULT_SIGNATURE
+        if signature in signatures:
+            raise invalid_argument(f"Duplicate evaluation of signature: {signature}")
+        signatures.add(signature)
+    response = inference_pb2.MultiInferenceResponse()
+    for task in tasks:
+        result = response.results.add()
+        if task.method_name == CLASSIFY_METHOD:
+            sub = classification_pb2.ClassificationRequest(model_spec=task.model_spec, input=request.input)
+            answer = classify(servable, sub, run)
+            result.classification_result.CopyFrom(answer.result)
+        else:
+            sub = regression_pb2.RegressionRequest(model_spec=task.model_spec, input=request.input)
+            answer = regress(servable, sub, run)
+            result.regression_result.CopyFrom(answer.result)
+        result.model_spec.CopyFrom(answer.model_spec)
     return response
 
 

@@ -20,7 +20,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 
 from multimodal_tf.serving import inference
 from multimodal_tf.serving.config import ModelSpec
-from multimodal_tf.serving.errors import ServingError, not_found
+from multimodal_tf.serving.errors import ServingError, invalid_argument, not_found
 from multimodal_tf.serving.servable import Servable, describe_error
 
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -45,15 +45,22 @@ class _Model:
 
 
 def _fingerprint(path: Path) -> tuple:
-    """Changes when a version folder is rewritten, so a failed load is retried then."""
-    parts = []
-    for item in (path, path / "saved_model.pb", path / "variables"):
-        try:
-            stat = item.stat()
-            parts.append((stat.st_mtime_ns, stat.st_size))
-        except OSError:
-            parts.append(None)
-    return tuple(parts)
+    """Every file's (name, size, mtime) under a version folder.
+
+    Changes when any file is rewritten or grows (a copy still in progress),
+    so a failed load is retried then; folder mtimes alone miss a file that
+    is appended to in place.
+    """
+    entries = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            try:
+                stat = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            entries.append((os.path.relpath(os.path.join(root, name), path), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
 
 
 def list_versions(base_path: str) -> dict[int, Path] | None:
@@ -78,11 +85,27 @@ class ModelManager:
             once at start (TF Serving's ``--file_system_poll_wait_seconds``).
         warmup: replay ``assets.extra/tf_serving_warmup_requests`` before a
             version becomes AVAILABLE.
+        max_num_load_retries: retries of a failed load (TF Serving's
+            ``--max_num_load_retries``, default 5), e.g. of a version that was
+            still being copied when it was first seen.
+        load_retry_interval_seconds: wait between retries (TF Serving's
+            ``--load_retry_interval_micros``, default 60 s).
     """
 
-    def __init__(self, specs: Sequence[ModelSpec], poll_wait_seconds: float = 1.0, warmup: bool = True):
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        poll_wait_seconds: float = 1.0,
+        warmup: bool = True,
+        max_num_load_retries: int = 5,
+        load_retry_interval_seconds: float = 60.0,
+    ):
+        if max_num_load_retries < 0 or load_retry_interval_seconds < 0:
+            raise ValueError("max_num_load_retries and load_retry_interval_seconds must be >= 0")
         self.poll_wait_seconds = poll_wait_seconds
         self.warmup = warmup
+        self.max_num_load_retries = max_num_load_retries
+        self.load_retry_interval_seconds = load_retry_interval_seconds
         self._lock = threading.RLock()
         self._poll_lock = threading.Lock()  # one poll (and so one load) at a time
         self._models: dict[str, _Model] = {spec.name: _Model(spec) for spec in specs}
@@ -183,25 +206,40 @@ class ModelManager:
         return status.error is None or status.fingerprint != _fingerprint(path)
 
     def _load(self, model: _Model, version: int, path: Path) -> None:
+        """Loads a version, retrying failures as TF Serving's AspiredVersionsManager does."""
         name = model.spec.name
         with self._lock:
             status = VersionStatus(version, State.LOADING)
             model.versions[version] = status
-        logger.info("model %s: loading version %d from %s", name, version, path)
-        try:
-            servable = Servable(name, version, path)
-            if self.warmup:
-                count = inference.replay_warmup(servable)
-                logger.info("model %s version %d: replayed %d warmup requests", name, version, count)
-        except Exception as e:  # noqa: BLE001 - any failure is this version's status
-            error = describe_error(e)
-            logger.error("model %s: version %d failed to load: %s", name, version, error.message)
+        for attempt in range(self.max_num_load_retries + 1):
+            if attempt:
+                logger.info(
+                    "model %s: retrying version %d in %.1f s (retry %d of %d)",
+                    name, version, self.load_retry_interval_seconds, attempt, self.max_num_load_retries,
+                )  # fmt: skip
+                if self._stop.wait(self.load_retry_interval_seconds):
+                    break
+            fingerprint = _fingerprint(path)
+            try:
+                servable = self._load_once(name, version, path)
+            except Exception as e:  # noqa: BLE001 - any failure is this version's status
+                error = describe_error(e)
+                logger.error("model %s: version %d failed to load: %s", name, version, error.message)
+                continue
             with self._lock:
-                status.state, status.error, status.fingerprint = State.END, error, _fingerprint(path)
+                status.servable, status.state, status.error = servable, State.AVAILABLE, None
+            logger.info("model %s: version %d is AVAILABLE", name, version)
             return
         with self._lock:
-            status.servable, status.state = servable, State.AVAILABLE
-        logger.info("model %s: version %d is AVAILABLE", name, version)
+            status.state, status.error, status.fingerprint = State.END, error, fingerprint
+
+    def _load_once(self, name: str, version: int, path: Path) -> Servable:
+        logger.info("model %s: loading version %d from %s", name, version, path)
+        servable = Servable(name, version, path)
+        if self.warmup:
+            count = inference.replay_warmup(servable)
+            logger.info("model %s version %d: replayed %d warmup requests", name, version, count)
+        return servable
 
     def _retire(self, status: VersionStatus) -> None:
         """Stops routing to a version; it is freed by ``_reap`` once idle. Caller holds the lock."""
@@ -225,8 +263,8 @@ class ModelManager:
             raise not_found(f"Servable not found for request: Latest({name})")
         if label:
             labels = model.spec.labels
-            if label not in labels:
-                raise not_found(f"Unrecognized servable version label: {label}")
+            if label not in labels:  # INVALID_ARGUMENT, as TF Serving's ServerCore
+                raise invalid_argument(f"Unrecognized servable version label: {label}")
             version = labels[label]
         if version is not None:
             status = model.versions.get(version)
@@ -252,16 +290,12 @@ class ModelManager:
             if status.state == State.UNLOADING and servable.in_flight == 0:
                 self._reap()
 
-    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+    def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
         """Version statuses, newest first (GetModelStatus)."""
         with self._lock:
             model = self._models.get(name)
             if model is None or not model.versions:
                 raise not_found(f"Could not find any versions of model {name}")
-            if label:
-                if label not in model.spec.labels:
-                    raise not_found(f"Unrecognized servable version label: {label}")
-                version = model.spec.labels[label]
             if version is not None:
                 if version not in model.versions:
                     raise not_found(f"Could not find version {version} of model {name}")

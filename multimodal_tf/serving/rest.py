@@ -20,7 +20,7 @@ import re
 import socket
 import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from google.protobuf import json_format
 from tensorflow_serving.apis import (
@@ -33,40 +33,77 @@ from tensorflow_serving.apis import (
 
 from multimodal_tf.serving import inference, rest_json
 from multimodal_tf.serving.errors import Code, ServingError, invalid_argument, not_found
+from multimodal_tf.serving.http_listener import PooledHTTPServer
 from multimodal_tf.serving.metrics import Metrics
 from multimodal_tf.serving.service import InferenceService
 
 logger = logging.getLogger(__name__)
 
-_ROUTE = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?::(?P<verb>predict|classify|regress)|(?P<metadata>/metadata))?/?$"
+# TF Serving's routes (http_rest_api_handler.cc): matched case-insensitively
+# and in full (no trailing slash); the verb itself must be lower case.
+_PREDICT_ROUTE = re.compile(
+    r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+    r":(?P<verb>classify|regress|predict)",
+    re.IGNORECASE,
 )
-# Idle keep-alive connections and slow senders are dropped after this many
-# seconds, so they cannot hold handler threads forever.
-SOCKET_TIMEOUT_SECONDS = 60
+_STATUS_ROUTE = re.compile(
+    r"/v1/models(?:/(?P<name>[^/:]+))?(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+    r"(?:/(?P<metadata>metadata))?",
+    re.IGNORECASE,
+)
+_API_PREFIX = re.compile(r"/v1/", re.IGNORECASE)
+_VERBS = ("classify", "regress", "predict")
+# The most one request (request line, headers, body; or the idle wait for the
+# next request on a keep-alive connection) may take to arrive.
+REQUEST_DEADLINE_SECONDS = 30.0
+# Sent when the request has an Origin header (browsers), and on preflight.
+_CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "POST, GET"),
+    ("Access-Control-Allow-Headers", "Content-Type"),
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    timeout = SOCKET_TIMEOUT_SECONDS
     server: _HTTPServer
 
     def setup(self):
+        # No recv may wait longer than the whole request may take.
+        self.timeout = self.server.request_deadline_seconds
         super().setup()
         # Headers and body are separate writes; without this, Nagle's algorithm
         # and the client's delayed ACK add ~40 ms to every response.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle_one_request(self):
+        watchdog = self.server.watchdog
+        watchdog.arm(self.connection, self.server.request_deadline_seconds)
+        try:
+            super().handle_one_request()
+        finally:
+            watchdog.disarm(self.connection)
+
     def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
         logger.debug("%s - %s", self.address_string(), format % args)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (414, 431, 501, 400 ...) as JSON, like every other answer."""
+        try:
+            short = self.responses[code][0]
+        except KeyError:
+            short = "error"
+        self._send(code, {"error": message or short}, close=True)
 
     def do_GET(self):  # noqa: N802 - http.server's names
         self._dispatch("GET")
 
     def do_POST(self):  # noqa: N802
         self._dispatch("POST")
+
+    def do_OPTIONS(self):  # noqa: N802
+        """CORS preflight, as TF Serving answers it: 200 with the allowed methods and headers."""
+        self._write(200, "application/json", b"", False)
 
     def _dispatch(self, method: str) -> None:
         owner = self.server.owner
@@ -79,10 +116,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_text(200, owner.metrics.render())
                 return
             body = self._read_body(owner.max_body_bytes) if method == "POST" else b""
+            self.server.watchdog.disarm(self.connection)  # arrived; the model may take its time
             status, payload = owner.handle(method, path, body)
             self._send(status, payload)
         except ServingError as e:
             self._send(e.http_status, {"error": e.message}, close=e.code == Code.RESOURCE_EXHAUSTED)
+        except (ConnectionError, TimeoutError) as e:
+            logger.info("REST: %s %s: connection lost (%s)", method, self.path[:200], e)
+            self.close_connection = True
+        except RecursionError:
+            logger.warning("REST: %s %s: request nested too deeply", method, self.path[:200])
+            self._send(400, {"error": "request is nested too deeply"})
         except Exception as e:  # noqa: BLE001 - answer, never drop the connection silently
             logger.exception("REST request failed")
             self._send(500, {"error": f"{type(e).__name__}: {e}"})
@@ -91,20 +135,41 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self, limit: int) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise ServingError(
-                Code.INVALID_ARGUMENT, "chunked request bodies are not supported; send Content-Length"
-            )
+            return self._read_chunked(limit)
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             raise invalid_argument("Content-Length is not an integer") from None
         if length < 0:
             raise invalid_argument("Content-Length is negative")
-        if length > limit:
-            raise ServingError(
-                Code.RESOURCE_EXHAUSTED, f"request body of {length} bytes exceeds the limit of {limit}"
-            )
-        return self.rfile.read(length)
+        _check_size(length, limit)
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise ConnectionError(f"body ended after {len(body)} of {length} bytes")
+        return body
+
+    def _read_chunked(self, limit: int) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body (TF Serving's libevent server accepts these)."""
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line.endswith(b"\n"):
+                raise ConnectionError("chunked body ended inside a chunk header")
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise invalid_argument(f"malformed chunk size line {line[:40]!r}") from None
+            if size == 0:
+                break
+            total += size
+            _check_size(total, limit)
+            chunk = self.rfile.read(size + 2)  # the data and its CRLF
+            if len(chunk) != size + 2:
+                raise ConnectionError("chunked body ended inside a chunk")
+            parts.append(chunk[:size])
+        while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailers
+            pass
+        return b"".join(parts)
 
     def _send(self, status: int, payload: dict, close: bool = False) -> None:
         body = json.dumps(payload).encode("utf-8")
@@ -117,6 +182,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        if getattr(self, "headers", None) is not None and self.headers.get("Origin"):
+            for name, value in _CORS_HEADERS:
+                self.send_header(name, value)
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -124,8 +192,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+def _check_size(length: int, limit: int) -> None:
+    if length > limit:
+        raise ServingError(
+            Code.RESOURCE_EXHAUSTED, f"request body of {length} bytes exceeds the limit of {limit}"
+        )
+
+
+class _HTTPServer(PooledHTTPServer):
     owner: RestServer
 
 
@@ -139,6 +213,10 @@ class RestServer:
         metrics: the metrics rendered at ``metrics_path``.
         metrics_path: Prometheus endpoint path, or None for no endpoint.
         max_body_bytes: largest accepted request body.
+        num_workers: threads serving connections (an idle keep-alive connection holds one
+            until its next request's deadline).
+        max_queued: connections that may wait for a worker before new ones get 503.
+        request_deadline_seconds: the most one request may take to arrive.
     """
 
     def __init__(
@@ -149,12 +227,15 @@ class RestServer:
         metrics: Metrics,
         metrics_path: str | None,
         max_body_bytes: int,
+        num_workers: int = 32,
+        max_queued: int = 256,
+        request_deadline_seconds: float = REQUEST_DEADLINE_SECONDS,
     ):
         self.service = service
         self.metrics = metrics
         self.metrics_path = metrics_path
         self.max_body_bytes = max_body_bytes
-        self._httpd = _HTTPServer((host, port), _Handler)
+        self._httpd = _HTTPServer((host, port), _Handler, num_workers, max_queued, request_deadline_seconds)
         self._httpd.owner = self
         self.port = self._httpd.server_address[1]
         self._thread: threading.Thread | None = None
@@ -191,16 +272,20 @@ class RestServer:
     # === Routing ===
 
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
-        match = _ROUTE.match(path)
-        verb = match and match["verb"]
-        if match is None or (method == "POST") != bool(verb):
-            raise not_found(f"Malformed request: {method} {path}")
+        if not _API_PREFIX.match(path):
+            raise not_found(f"Malformed request: {method} {path} (the API is under /v1/)")
+        match = _PREDICT_ROUTE.fullmatch(path) if method == "POST" else _STATUS_ROUTE.fullmatch(path)
+        verb = match and match.groupdict().get("verb")
+        if match is None or (verb is not None and verb not in _VERBS):
+            raise invalid_argument(f"Malformed request: {method} {path}")
+        if not match["name"]:
+            raise invalid_argument("Missing model name in request.")
         spec = model_pb2.ModelSpec(name=urllib.parse.unquote(match["name"]))
         if match["version"]:
-            try:
-                spec.version.value = int(match["version"])
-            except ValueError:
-                raise invalid_argument(f"version {match['version']} is out of range") from None
+            version = int(match["version"])
+            if version >= 2**63:
+                raise invalid_argument(f"Failed to convert version: {match['version']} to numeric.")
+            spec.version.value = version
         elif match["label"]:
             spec.version_label = urllib.parse.unquote(match["label"])
         if verb:
@@ -246,6 +331,10 @@ def _metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) ->
     return {
         "model_spec": {"name": spec.name, "signature_name": "", "version": str(spec.version.value)},
         "metadata": {
-            "signature_def": json_format.MessageToDict(signature_map, preserving_proto_field_name=True)
+            # Default-valued fields (an empty method_name, a 0 dim) printed, as TF Serving's
+            # always_print_primitive_fields does.
+            "signature_def": json_format.MessageToDict(
+                signature_map, preserving_proto_field_name=True, including_default_value_fields=True
+            )
         },
     }

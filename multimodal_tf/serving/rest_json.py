@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,10 @@ from multimodal_tf.compat import tf
 from multimodal_tf.serving.errors import invalid_argument
 
 ROW, COLUMNAR = "row", "columnar"
+# Deeper nesting than any tensor rank TF supports (TF's limit is 254) is
+# refused before it can exhaust the interpreter's recursion limit.
+MAX_NESTING = 64
+_WHITESPACE = re.compile(rb"[\t\n\v\f\r ]+")
 
 
 def parse_body(body: bytes) -> dict:
@@ -37,19 +42,24 @@ def parse_body(body: bytes) -> dict:
 def _b64(value: dict, where: str) -> bytes:
     if set(value) != {"b64"} or not isinstance(value["b64"], str):
         raise invalid_argument(f'{where}: a JSON object value must be {{"b64": "<base64 string>"}}')
+    # As absl::Base64Unescape (TF Serving): whitespace (wrapped lines) is
+    # skipped and the trailing '=' padding is optional.
     try:
-        return base64.b64decode(value["b64"], validate=True)
+        text = _WHITESPACE.sub(b"", value["b64"].encode("ascii"))
+        return base64.b64decode(text + b"=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as e:
         raise invalid_argument(f"{where}: invalid base64 ({e})") from None
 
 
-def _flatten(value: Any, where: str) -> tuple[list, list[int]]:
-    """Nested lists -> (flat leaves, shape); rejects ragged nesting."""
+def _flatten(value: Any, where: str, depth: int = 0) -> tuple[list, list[int]]:
+    """Nested lists -> (flat leaves, shape); rejects ragged and over-deep nesting."""
     if not isinstance(value, list):
         return [value], []
+    if depth >= MAX_NESTING:
+        raise invalid_argument(f"{where}: lists nested more than {MAX_NESTING} deep")
     if not value:
         return [], [0]
-    parts = [_flatten(item, where) for item in value]
+    parts = [_flatten(item, where, depth + 1) for item in value]
     shape = parts[0][1]
     if any(p[1] != shape for p in parts):
         raise invalid_argument(
@@ -124,8 +134,13 @@ def predict_inputs(
                     f"'inputs' must be an object naming the inputs {sorted(signature.inputs)}"
                 )
             value = {next(iter(signature.inputs)): value}
+        # Keys the signature does not name are ignored, as TF Serving does.
+        missing = sorted(set(signature.inputs) - set(value))
+        if missing:
+            raise invalid_argument(f"Missing named input: {missing[0]} in 'inputs' object.")
         return {
-            name: to_array(v, _dtype_of(signature, name), f"inputs['{name}']") for name, v in value.items()
+            name: to_array(value[name], _dtype_of(signature, name), f"inputs['{name}']")
+            for name in signature.inputs
         }, COLUMNAR
     instances = document["instances"]
     if not isinstance(instances, list):

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+import grpc
 import numpy as np
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
@@ -98,11 +99,18 @@ class Servable:
 
     # === Calling ===
 
-    def signature(self, signature_name: str) -> meta_graph_pb2.SignatureDef:
+    def signature(
+        self, signature_name: str, code: grpc.StatusCode = Code.FAILED_PRECONDITION
+    ) -> meta_graph_pb2.SignatureDef:
+        """The SignatureDef; an unknown name fails with ``code``.
+
+        TF Serving answers FAILED_PRECONDITION for Predict (predict_util.cc)
+        and INVALID_ARGUMENT for Classify/Regress and REST; both are 400 over REST.
+        """
         name = signature_name or DEFAULT_SIGNATURE
         if name not in self.signature_defs or name == INIT_OP_SIGNATURE:
-            raise not_found(
-                f'Serving signature key "{name}" not found. Known: {sorted(self.callable_signatures)}'
+            raise ServingError(
+                code, f'Serving signature key "{name}" not found. Known: {sorted(self.callable_signatures)}'
             )
         return self.signature_defs[name]
 

@@ -19,7 +19,7 @@ from tensorflow_serving.apis import (
 )
 
 from multimodal_tf.serving import config as config_lib
-from multimodal_tf.serving import inference, tensors
+from multimodal_tf.serving import inference, memory, tensors
 from multimodal_tf.serving.batching import BatchScheduler
 from multimodal_tf.serving.errors import Code, ServingError, invalid_argument
 from multimodal_tf.serving.manager import ModelManager
@@ -27,6 +27,13 @@ from multimodal_tf.serving.metrics import Metrics
 from multimodal_tf.serving.servable import DEFAULT_SIGNATURE, Servable
 
 logger = logging.getLogger(__name__)
+
+
+# Rows one request may have when neither a flag nor batching says otherwise:
+# the demo model takes ~0.6 MB per row while it runs, so ~0.6 GB at most.
+DEFAULT_MAX_ROWS = 1024
+# After a run of at least this many rows the heap is trimmed (see memory.trim_heap).
+TRIM_AFTER_ROWS = 64
 
 
 def _spec_choice(spec: model_pb2.ModelSpec) -> tuple[str, int | None, str | None]:
@@ -48,6 +55,8 @@ class InferenceService:
         max_elements: largest tensor a request may declare (elements).
         request_timeout_seconds: server-side deadline for one request; a
             client's own gRPC deadline applies when shorter.
+        max_rows: most rows (batch dimension) one request may have; checked on
+            the declared shape, before anything is expanded or allocated.
     """
 
     def __init__(
@@ -57,8 +66,12 @@ class InferenceService:
         metrics: Metrics | None = None,
         max_elements: int = 1 << 26,
         request_timeout_seconds: float | None = None,
+        max_rows: int = DEFAULT_MAX_ROWS,
     ):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.manager = manager
+        self.max_rows = max_rows
         self.batcher = batcher
         self.metrics = metrics or Metrics()
         self.max_elements = max_elements
@@ -72,7 +85,7 @@ class InferenceService:
             request.model_spec,
             time_remaining,
             entrypoint,
-            lambda s, run: inference.predict(s, request, run, self.max_elements),
+            lambda s, run: inference.predict(s, request, run, self.max_elements, self.max_rows),
         )
 
     def classify(self, request, time_remaining: float | None = None, entrypoint: str = "GRPC"):
@@ -93,6 +106,17 @@ class InferenceService:
             lambda s, run: inference.regress(s, request, run),
         )
 
+    def multi_inference(self, request, time_remaining: float | None = None, entrypoint: str = "GRPC"):
+        if not request.tasks:  # checked before the model is looked up, as TF Serving does
+            raise invalid_argument("Expected at least one task")
+        return self.serve(
+            "multi_inference",
+            request.tasks[0].model_spec,
+            time_remaining,
+            entrypoint,
+            lambda s, run: inference.multi_inference(s, request, run),
+        )
+
     def get_model_metadata(self, request, time_remaining: float | None = None, entrypoint: str = "GRPC"):
         return self.serve(
             "metadata",
@@ -103,9 +127,12 @@ class InferenceService:
         )
 
     def get_model_status(self, request: get_model_status_pb2.GetModelStatusRequest):
-        name, version, label = _spec_choice(request.model_spec)
+        # As TF Serving's get_model_status_impl.cc: version_label is ignored, and
+        # an empty name is just a model that has no versions (NOT_FOUND).
+        spec = request.model_spec
+        version = spec.version.value if spec.WhichOneof("version_choice") == "version" else None
         response = get_model_status_pb2.GetModelStatusResponse()
-        for status in self.manager.status(name, version, label):
+        for status in self.manager.status(spec.name, version):
             entry = response.model_version_status.add(version=status.version, state=status.state)
             entry.status.SetInParent()  # error_code OK is reported explicitly, as TF Serving does
             if status.error is not None:
@@ -114,12 +141,21 @@ class InferenceService:
         return response
 
     def reload_config(self, request: model_management_pb2.ReloadConfigRequest):
+        """Replaces the served models; an empty request changes nothing (as TF Serving)."""
+        if request.config.WhichOneof("config") != "model_config_list":
+            raise invalid_argument(
+                "ServerModelConfig type not supported by HandleReloadConfigRequest. "
+                "Only ModelConfigList is currently supported"
+            )
         try:
             specs = config_lib.specs_from_proto(request.config, "ReloadConfigRequest")
         except config_lib.ServingConfigError as e:
             raise invalid_argument(str(e)) from None
         self.manager.set_config(specs)
-        return model_management_pb2.ReloadConfigResponse()
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.error_code = 0  # OK, set explicitly as TF Serving does
+        response.status.SetInParent()
+        return response
 
     # === Shared path ===
 
@@ -164,6 +200,7 @@ class InferenceService:
         def run(servable: Servable, signature: str, inputs: Mapping[str, np.ndarray]):
             if deadline is not None and time.monotonic() >= deadline:
                 raise ServingError(Code.DEADLINE_EXCEEDED, "deadline exceeded before the model ran")
+            tensors.check_rows(inputs, self.max_rows)
             if self.batcher is None:
                 return self._execute(servable, signature, inputs)
             return self._run_batched(servable, signature, inputs, deadline)
@@ -175,25 +212,46 @@ class InferenceService:
         first = next(iter(inputs.values()), None)
         batch_size = first.shape[0] if first is not None and first.ndim else 1
         self.metrics.record_run(servable.name, servable.version, signature, batch_size)
+        if batch_size >= TRIM_AFTER_ROWS:
+            memory.trim_heap()
         return outputs
 
     def _run_batched(self, servable: Servable, signature: str, inputs: Mapping[str, np.ndarray], deadline):
         tensors.check_inputs(servable.signature(signature), inputs)
         sizes = {value.shape[0] if value.ndim else None for value in inputs.values()}
         size = sizes.pop() if len(sizes) == 1 else None
-        if not size or size > self.batcher.options.max_batch_size:
-            # Unbatchable (scalars, unequal or empty batches) or too big: runs alone.
+        if not size:  # unbatchable (scalars, unequal or empty batches): runs alone
             return self._execute(servable, signature, inputs)
+        options = self.batcher.options
+        if size > options.max_batch_size:
+            raise invalid_argument(
+                f"Task size {size} is larger than maximum input batch size {options.max_batch_size}"
+            )
         queue = (servable.name, servable.version, signature)
         key = tuple(sorted((name, value.dtype.str, value.shape[1:]) for name, value in inputs.items()))
-        future = self.batcher.submit(
-            queue, key, lambda merged: self._execute(servable, signature, merged), inputs, size
-        )
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        # Large batch splitting: pieces of at most execution_batch_size rows.
+        step = options.execution_batch_size
+        futures = [
+            self.batcher.submit(
+                queue,
+                key,
+                lambda merged: self._execute(servable, signature, merged),
+                {name: value[start : start + step] for name, value in inputs.items()},
+                min(step, size - start),
+            )
+            for start in range(0, size, step)
+        ]
         try:
-            return future.result(timeout)
+            pieces = [
+                future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                for future in futures
+            ]
         except TimeoutError:
-            future.cancel()
+            for future in futures:
+                future.cancel()
             raise ServingError(
                 Code.DEADLINE_EXCEEDED, "deadline exceeded while waiting for a batch"
             ) from None
+        if len(pieces) == 1:
+            return pieces[0]
+        return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}

@@ -53,12 +53,14 @@ def shape_of(tensor_info: meta_graph_pb2.TensorInfo) -> list[int] | None:
     return None if shape.unknown_rank else [d.size for d in shape.dim]
 
 
-def to_ndarray(proto: tensor_pb2.TensorProto, name: str, max_elements: int) -> np.ndarray:
+def to_ndarray(
+    proto: tensor_pb2.TensorProto, name: str, max_elements: int, max_rows: int | None = None
+) -> np.ndarray:
     """Request TensorProto -> numpy, refusing malformed or oversized tensors.
 
-    ``max_elements`` bounds the declared shape: TF expands a short value list
-    to the declared shape, so a tiny message could otherwise ask for
-    gigabytes.
+    ``max_elements`` and ``max_rows`` bound the declared shape: TF expands a
+    short value list to the declared shape, so a 73-byte message with one
+    string and shape [8000] would otherwise become 8,000 rows to decode.
     """
     if proto.dtype not in _REQUEST_DTYPES:
         raise invalid_argument(f"input '{name}': dtype {dtype_name(proto.dtype)} is not allowed in a request")
@@ -67,6 +69,8 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str, max_elements: int) -> n
     dims = [d.size for d in proto.tensor_shape.dim]
     if any(d < 0 for d in dims):
         raise invalid_argument(f"input '{name}': negative dimension in shape {dims}")
+    if max_rows is not None and dims and dims[0] > max_rows:
+        raise invalid_argument(_rows_message(name, dims[0], max_rows))
     num_elements = math.prod(dims)  # Python ints: exact, no overflow (np.prod is also ~10x slower)
     if num_elements > max_elements:
         raise invalid_argument(
@@ -76,6 +80,20 @@ def to_ndarray(proto: tensor_pb2.TensorProto, name: str, max_elements: int) -> n
         return from_proto(proto)
     except (ValueError, TypeError, IndexError, OverflowError) as e:
         raise invalid_argument(f"input '{name}': malformed TensorProto ({e})") from None
+
+
+def _rows_message(name: str, rows: int, max_rows: int) -> str:
+    return (
+        f"input '{name}' has {rows} rows; the limit per request is {max_rows} "
+        "(split the request, or raise --max-request-rows)"
+    )
+
+
+def check_rows(inputs: Mapping[str, np.ndarray], max_rows: int) -> None:
+    """Every input's batch dimension must be at most ``max_rows``."""
+    for name, value in inputs.items():
+        if value.ndim and value.shape[0] > max_rows:
+            raise invalid_argument(_rows_message(name, value.shape[0], max_rows))
 
 
 @functools.cache
@@ -108,16 +126,44 @@ def to_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
     return tf.convert_to_tensor(value, dtype=dtype)
 
 
+# numpy kind/size -> the TensorProto field TF Serving fills (Tensor::AsProtoField).
+_VALUE_FIELDS = {
+    types_pb2.DT_FLOAT: "float_val",
+    types_pb2.DT_DOUBLE: "double_val",
+    types_pb2.DT_INT8: "int_val",
+    types_pb2.DT_INT16: "int_val",
+    types_pb2.DT_INT32: "int_val",
+    types_pb2.DT_UINT8: "int_val",
+    types_pb2.DT_UINT16: "int_val",
+    types_pb2.DT_INT64: "int64_val",
+    types_pb2.DT_UINT32: "uint32_val",
+    types_pb2.DT_UINT64: "uint64_val",
+    types_pb2.DT_BOOL: "bool_val",
+    types_pb2.DT_COMPLEX64: "scomplex_val",
+    types_pb2.DT_COMPLEX128: "dcomplex_val",
+}
+
+
 def to_proto(value) -> tensor_pb2.TensorProto:
-    """numpy (or nested lists) -> TensorProto; strings as string_val, numbers as tensor_content."""
+    """numpy (or nested lists) -> TensorProto, with values in the typed fields as TF Serving writes them.
+
+    Strings go to ``string_val``, float32 to ``float_val``, int64 to
+    ``int64_val`` and so on (never ``tensor_content``), so clients that read
+    ``float_val`` directly work against this server as against TF Serving.
+    """
     array = np.asarray(value)
     if array.dtype == object and all(isinstance(v, bytes) for v in array.flat):
         proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=list(array.flat))
     elif array.dtype.kind in "biufc" or array.dtype.name == "bfloat16":
-        proto = tensor_pb2.TensorProto(
-            dtype=tf.dtypes.as_dtype(array.dtype).as_datatype_enum,
-            tensor_content=np.ascontiguousarray(array).tobytes(),
-        )
+        dtype = tf.dtypes.as_dtype(array.dtype).as_datatype_enum
+        proto = tensor_pb2.TensorProto(dtype=dtype)
+        flat = array.reshape(-1)
+        if dtype in (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16):  # bit patterns in half_val
+            proto.half_val.extend(flat.view(np.uint16).tolist())
+        elif array.dtype.kind == "c":  # (real, imaginary) pairs
+            getattr(proto, _VALUE_FIELDS[dtype]).extend(flat.view(flat.real.dtype).tolist())
+        else:
+            getattr(proto, _VALUE_FIELDS[dtype]).extend(flat.tolist())
     else:  # str, mixed objects: TF's general conversion
         return tf.make_tensor_proto(array)
     proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape)
@@ -163,6 +209,9 @@ def check_inputs(signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, np
 
 def check_output_filter(signature: meta_graph_pb2.SignatureDef, output_filter) -> list[str]:
     names = list(output_filter) or sorted(signature.outputs)
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:  # as predict_util.cc
+        raise invalid_argument(f"duplicate output tensor alias found in output_filter: {duplicates[0]}")
     for name in names:
         if name not in signature.outputs:
             raise invalid_argument(
