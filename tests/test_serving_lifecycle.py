@@ -139,7 +139,7 @@ def test_relative_base_path_in_config_file_is_rejected():
 def test_serve_exits_soon_after_grace_seconds_under_load(tmp_path):
     base = helpers.make_test_savedmodel(tmp_path, "m", 1).parent
     port = helpers.free_port()
-    command = [sys.executable, "-m", "multimodal_tf.serving.cli", "serve", "--model-base-path", str(base)]
+    command = [sys.executable, "-m", "multimodal_tf.cli", "serve", "--model-base-path", str(base)]
     command += ["--model-name", "m", "--port", str(port), "--rest-api-port", "-1", "--grace-seconds", "2"]
     command += ["--enable-batching"]
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 - read after the process ends
@@ -189,7 +189,7 @@ def test_serve_exits_soon_after_grace_seconds_under_load(tmp_path):
 def test_serve_flags_for_limits_and_retries():
     import argparse
 
-    from multimodal_tf.serving import cli
+    from multimodal_tf.cli import serving as cli
 
     parser = argparse.ArgumentParser()
     cli.add_serve_parser(parser.add_subparsers())
