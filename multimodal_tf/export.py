@@ -25,7 +25,8 @@ from multimodal_tf.training import load_trained_model
 
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 WARMUP_FILE = "tf_serving_warmup_requests"
-# tf-text ops missing from some TF Serving builds (FACTS.md).
+# tf-text ops missing from the tensorflow-text 2.12.1 that the tensorflow/serving
+# 2.17-2.19 images embed (docs/dependencies.md, "Serving-side versions").
 FORBIDDEN_TEXT_OPS = {"TFText>RoundRobinTrim", "TFText>RoundRobinGenerateMasks"}
 
 
