@@ -1,8 +1,8 @@
 """The one place that knows Keras-version details.
 
-The project uses the Keras 2 API through ``tf_keras`` (see README, "Why this
-stack"): bert-for-tf2 only runs under it, and Keras 3 ``fit()`` does not work
-under MultiWorkerMirroredStrategy or ParameterServerStrategy. Every other
+The project uses the Keras 2 API through ``tf_keras`` (see docs/dependencies.md):
+bert-for-tf2 only runs under it, and Keras 3 ``fit()`` does not work under
+MultiWorkerMirroredStrategy or ParameterServerStrategy. Every other
 module imports ``keras`` from here, so a later move to Keras 3 touches one file.
 """
 

@@ -39,7 +39,8 @@ from multimodal_tf.signatures import (
     WARMUP_FILE_NAME,
 )
 
-# tf-text ops missing from some TF Serving builds (FACTS.md).
+# tf-text ops missing from the tensorflow-text 2.12.1 that the tensorflow/serving
+# 2.17-2.19 images embed (docs/dependencies.md, "Serving-side versions").
 FORBIDDEN_TEXT_OPS = {"TFText>RoundRobinTrim", "TFText>RoundRobinGenerateMasks"}
 
 

@@ -98,6 +98,9 @@ FRESH_PROCESS = textwrap.dedent(
         "serving_default": model.signatures["serving_default"](**raw)["probabilities"].numpy().tolist(),
         "predict_examples": model.signatures["predict_examples"](examples=examples)["probabilities"].numpy().tolist(),
         "classify": model.signatures["classify"](inputs=examples)["scores"].numpy().tolist(),
+        "predict_features": model.signatures["predict_features"](
+            **{name: tf.constant(value) for name, value in np.load(sys.argv[3]).items()}
+        )["probabilities"].numpy().tolist(),
     }
     print(json.dumps(out))
     """
@@ -111,13 +114,23 @@ def test_reload_in_a_fresh_process_equals_the_in_memory_model(exported, tmp_path
     from multimodal_tf.data.preprocessing import Preprocessor
 
     preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model.modalities)
-    expected = model(preprocessor(preprocessor.parse_examples(tf.constant(examples))), training=False).numpy()
+    model_features = preprocessor(preprocessor.parse_examples(tf.constant(examples)))
+    expected = model(model_features, training=False).numpy()
+    # predict_features is fed the same preprocessed tensors the model was given.
+    np.savez(tmp_path / "features.npz", **{name: value.numpy() for name, value in model_features.items()})
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     with tf.io.TFRecordWriter(str(tmp_path / "examples.tfrecord")) as writer:
         for example in examples:
             writer.write(example)
     result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(path), str(tmp_path / "examples.tfrecord")],
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            str(path),
+            str(tmp_path / "examples.tfrecord"),
+            str(tmp_path / "features.npz"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -125,6 +138,7 @@ def test_reload_in_a_fresh_process_equals_the_in_memory_model(exported, tmp_path
         check=True,
     )
     outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(outputs) == {"serving_default", "predict_examples", "classify", "predict_features"}
     for name, values in outputs.items():
         np.testing.assert_allclose(np.array(values), expected, atol=1e-5, err_msg=name)
 

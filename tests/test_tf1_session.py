@@ -23,7 +23,8 @@ from multimodal_tf import models
 from multimodal_tf.compat import tf
 from multimodal_tf.data import features, text
 from multimodal_tf.data.preprocessing import Preprocessor
-from multimodal_tf.export import CLASSIFY_METHOD, ServingModule
+from multimodal_tf.export import ServingModule
+from multimodal_tf.signatures import CLASSIFY_METHOD
 from multimodal_tf.testing import tiny_config
 from tests.serving_helpers import CLASS_NAMES, VOCABULARY, make_inputs, serialized_examples
 

@@ -1,6 +1,6 @@
 """``mmtf data synth``: a deterministic three-modality demo dataset.
 
-Generative process (documented in the README): a label ``k`` in 0..7 is three
+Generative process (documented in docs/data.md): a label ``k`` in 0..7 is three
 bits ``(b0, b1, b2)``. The image shows a shape chosen by ``(b0, b1)``; the text
 names a colour chosen by ``(b1, b2)``; the audio is a tone whose pitch band is
 chosen by ``(b0, b2)``. Each modality therefore reveals two of the three bits

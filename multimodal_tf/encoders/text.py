@@ -142,7 +142,7 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
     the bag of tokens. On emoji3's hashed character n-grams that generalises
     better than the nonlinear encoder (text-only test accuracy 0.60-0.62 vs
     0.55-0.58, 3 seeds), though inside the fused emoji3 model it did not
-    help (README); ``output_dim`` is then ``embedding_dim``.
+    help (docs/experiments.md); ``output_dim`` is then ``embedding_dim``.
 
     Call arguments:
         tokens: int [B, T] WordPiece ids, 0 = padding (all zero = absent).

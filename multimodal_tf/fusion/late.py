@@ -44,7 +44,7 @@ class LateFusion(FusionLayer):
       that two modalities each find plausible beat a class only one is sure
       of. The heads then learn together rather than as unimodal models: on
       emoji3 it reached a lower validation loss in half the epochs, but not
-      a higher test accuracy (README).
+      a higher test accuracy (docs/experiments.md).
 
     Either way an example with one modality present gets exactly that
     modality's prediction, and one with none present gets the uninformative
