@@ -197,6 +197,17 @@ def make_test_savedmodel(
     return target
 
 
+def stop_and_read_log(process, log) -> str:
+    """Kills a server child still running, then returns (and closes) its log file."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+    log.seek(0)
+    output = log.read()
+    log.close()
+    return output
+
+
 def make_broken_version(base_path: str | Path, name: str, version: int) -> Path:
     """A version folder whose saved_model.pb is not a SavedModel."""
     target = Path(base_path) / name / str(version)

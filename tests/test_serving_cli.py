@@ -220,12 +220,7 @@ def test_serve_command_stops_gracefully_on_sigterm(model_dir, tmp_path):
         with Client(f"127.0.0.1:{port}", "m", timeout_seconds=2) as client, pytest.raises(grpc.RpcError):
             client.status()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        log.seek(0)
-        output = log.read()
-        log.close()
+        output = helpers.stop_and_read_log(process, log)
     assert "server stopped" in output, output[-2000:]
 
 

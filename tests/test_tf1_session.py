@@ -18,6 +18,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from serving_helpers import CLASS_NAMES, VOCABULARY, make_inputs, serialized_examples
 
 from multimodal_tf import models
 from multimodal_tf.compat import tf
@@ -26,7 +27,6 @@ from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.export import ServingModule
 from multimodal_tf.signatures import CLASSIFY_METHOD
 from multimodal_tf.testing import tiny_config
-from tests.serving_helpers import CLASS_NAMES, VOCABULARY, make_inputs, serialized_examples
 
 # Every encoder family appears in at least one export; the last is an ensemble.
 EXPORTS = {
@@ -105,7 +105,15 @@ def _requests(module: ServingModule) -> tuple[dict, dict]:
     return requests, model_features
 
 
-@pytest.mark.parametrize("name", sorted(EXPORTS))
+# One export in the default run; the other two (a minute each) run with the slow tests in CI.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cnn-colour_lstm_cnn-attention",
+        pytest.param("cnn_bow-ngrams_lstm-gated", marks=pytest.mark.slow),
+        pytest.param("late-ensemble_stats", marks=pytest.mark.slow),
+    ],
+)
 def test_every_signature_under_a_tf1_session_equals_the_keras_model(name, tmp_path):
     module, _ = _export(name, EXPORTS[name], tmp_path)
     requests, model_features = _requests(module)

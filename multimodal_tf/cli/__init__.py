@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from multimodal_tf import runtime
 from multimodal_tf.cli import data, demo, launch, run, serving, tune
 from multimodal_tf.cli.common import add_config_args, import_tensorflow, load_config, quiet_tensorflow_logs
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "serves_concurrently", False):
+        # Before TensorFlow loads: its oneDNN switch is read once, at import.
+        runtime.protect_concurrent_inference()
     if getattr(args, "needs_tensorflow", True):
         import_tensorflow()
     try:

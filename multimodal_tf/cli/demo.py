@@ -15,4 +15,4 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="runs/demo_job")
     p.add_argument("--manifest", help="use this manifest instead of the synthetic set")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override the demo config")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, serves_concurrently=True)

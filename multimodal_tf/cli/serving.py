@@ -70,7 +70,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--load-retry-interval-micros", type=int, default=60_000_000, help="wait between load retries"
     )
-    parser.set_defaults(func=serve_command)
+    parser.set_defaults(func=serve_command, serves_concurrently=True)
     return parser
 
 
@@ -140,7 +140,7 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per request")
     parser.add_argument("--timeout-seconds", type=float, default=30.0, help="deadline per request")
     add_config_args(parser)  # data.columns and data.text.source for --manifest
-    parser.set_defaults(func=predict_command)
+    parser.set_defaults(func=predict_command, serves_concurrently=True)
     return parser
 
 

@@ -4,8 +4,14 @@
 ``tensorflow_model_server`` and against :class:`ModelServer` alike.
 """
 
-from multimodal_tf.serving.client import Client
-from multimodal_tf.serving.config import ModelSpec
-from multimodal_tf.serving.server import ModelServer
+from multimodal_tf import runtime
+
+# Before anything below imports TensorFlow (a no-op, with a warning, if the
+# caller already did): see runtime.protect_concurrent_inference.
+runtime.protect_concurrent_inference()
+
+from multimodal_tf.serving.client import Client  # noqa: E402
+from multimodal_tf.serving.config import ModelSpec  # noqa: E402
+from multimodal_tf.serving.server import ModelServer  # noqa: E402
 
 __all__ = ["Client", "ModelServer", "ModelSpec"]

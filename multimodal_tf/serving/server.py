@@ -190,6 +190,7 @@ class ModelServer:
         rest_workers: threads serving REST connections.
     """
 
+    # Over 60 lines: one keyword argument per TF Serving flag, and its docstring.
     def __init__(
         self,
         models: Sequence[ModelSpec] | None = None,
