@@ -172,6 +172,9 @@ def test_versions_increment_and_existing_versions_are_refused(exported):
     assert sorted(p.name for p in (base / "m").iterdir()) == ["1", "2"]  # no temp dirs left
 
 
+# A training and an export (over a minute): with the slow tests, which CI runs too;
+# test_tf1_session (slow too) runs the same families' exports under a TF1 Session.
+@pytest.mark.slow
 def test_ngram_tokenizer_augmentation_colours_and_ensemble_export_and_match_the_model(
     synth_manifest, tmp_path
 ):

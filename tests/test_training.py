@@ -74,6 +74,8 @@ def test_evaluate_writes_report_with_metrics_plots_and_ablation(trained_run, cap
     assert "accuracy" in capsys.readouterr().out
 
 
+# Two full trainings (over a minute): with the slow tests, which CI runs too.
+@pytest.mark.slow
 def test_same_seed_gives_the_same_metrics(synth_manifest, tmp_path):
     histories = []
     for name in ("a", "b"):
@@ -85,6 +87,8 @@ def test_same_seed_gives_the_same_metrics(synth_manifest, tmp_path):
         np.testing.assert_allclose(histories[0][key], histories[1][key], rtol=1e-6, err_msg=key)
 
 
+# Two minutes on 2 cores; test_distribute checks MirroredStrategy's step in the default run.
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus_trains_an_ensemble(synth_manifest, tmp_path):
     config = tiny_config(
         f"data.manifest={synth_manifest}",
