@@ -125,6 +125,8 @@ def test_unimodal_run_and_comparison_table(synth_manifest, trained_run, tmp_path
     assert [r["modalities"] for r in report["comparison"]] == [["image", "text", "audio"], ["image"]]
 
 
+# A real-data training (~50 s): with the slow tests, which CI runs too.
+@pytest.mark.slow
 def test_small_model_learns_real_avmnist_well_above_chance(tmp_path):
     manifest = shared_manifest("avmnist")
     config = tiny_config(
