@@ -36,20 +36,8 @@ from tests import serving_helpers as helpers  # noqa: E402
 
 
 def build_export(directory: Path) -> Path:
-    """A freshly initialised image+audio model of the tiny test config, exported as NAME/1."""
-    from multimodal_tf import models
-    from multimodal_tf.data import features, text
-    from multimodal_tf.data.preprocessing import Preprocessor
-    from multimodal_tf.export import ServingModule
-    from multimodal_tf.testing import tiny_config
-
-    config = tiny_config("model.modalities=[image,audio]", "model.fusion.name=concat")
-    vocab_size = text.vocabulary_size(config.data.text, helpers.VOCABULARY)
-    model = models.build_model(config, num_classes=len(helpers.CLASS_NAMES), vocab_size=vocab_size)
-    preprocessor = Preprocessor(config.data, helpers.VOCABULARY, config.model.modalities)
-    specs = features.model_feature_specs(config.data, preprocessor.modalities)
-    module = ServingModule(model, preprocessor, helpers.CLASS_NAMES, config.model.head.type, specs)
-    module.save(directory / "m" / "1")
+    """The regression test's image+audio model, freshly initialised, exported as ``m/1``."""
+    helpers.export_untrained_model(directory / "m" / "1", *helpers.IMAGE_AUDIO)
     return directory / "m"
 
 

@@ -197,6 +197,33 @@ def make_test_savedmodel(
     return target
 
 
+# Image and audio convolution stacks in one graph: the combination that
+# aborted TF 2.17 with oneDNN on (tests/test_serving_concurrency.py).
+IMAGE_AUDIO = ("model.modalities=[image,audio]", "model.fusion.name=concat")
+
+
+def export_untrained_model(directory: str | Path, *overrides: str) -> ServingModule:
+    """A freshly initialised ``build_model`` model of the tiny test config (plus
+    ``overrides``) inside the exporter's ServingModule, saved to ``directory``.
+
+    Real encoders and fusion, unlike ``make_test_savedmodel``'s tiny model:
+    for checks that depend on the graph the families build.
+    """
+    from multimodal_tf import models  # noqa: PLC0415  (tests that never need it stay light)
+    from multimodal_tf.data import text  # noqa: PLC0415
+    from multimodal_tf.testing import tiny_config  # noqa: PLC0415
+
+    config = tiny_config(*overrides)
+    keras.utils.set_random_seed(0)
+    vocab_size = text.vocabulary_size(config.data.text, VOCABULARY)
+    model = models.build_model(config, num_classes=len(CLASS_NAMES), vocab_size=vocab_size)
+    preprocessor = Preprocessor(config.data, VOCABULARY, config.model.modalities)
+    specs = features.model_feature_specs(config.data, preprocessor.modalities)
+    module = ServingModule(model, preprocessor, CLASS_NAMES, config.model.head.type, specs)
+    module.save(directory)
+    return module
+
+
 def stop_and_read_log(process, log) -> str:
     """Kills a server child still running, then returns (and closes) its log file."""
     if process.poll() is None:

@@ -15,13 +15,9 @@ import subprocess
 import sys
 import textwrap
 
-from serving_helpers import CLASS_NAMES, VOCABULARY
+from serving_helpers import IMAGE_AUDIO, export_untrained_model
 
-from multimodal_tf import models, runtime
-from multimodal_tf.data import features, text
-from multimodal_tf.data.preprocessing import Preprocessor
-from multimodal_tf.export import ServingModule
-from multimodal_tf.testing import tiny_config
+from multimodal_tf import runtime
 
 HAMMER = textwrap.dedent(
     """
@@ -56,14 +52,7 @@ HAMMER = textwrap.dedent(
 
 
 def test_eight_threads_of_mixed_batch_sizes_do_not_abort_the_process(tmp_path):
-    # Image and audio convolution stacks in one graph: the combination that crashed.
-    config = tiny_config("model.modalities=[image,audio]", "model.fusion.name=concat")
-    model = models.build_model(
-        config, num_classes=len(CLASS_NAMES), vocab_size=text.vocabulary_size(config.data.text, VOCABULARY)
-    )
-    preprocessor = Preprocessor(config.data, VOCABULARY, config.model.modalities)
-    specs = features.model_feature_specs(config.data, preprocessor.modalities)
-    ServingModule(model, preprocessor, CLASS_NAMES, config.model.head.type, specs).save(tmp_path / "1")
+    export_untrained_model(tmp_path / "1", *IMAGE_AUDIO)
 
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run(

@@ -18,15 +18,12 @@ import textwrap
 
 import numpy as np
 import pytest
-from serving_helpers import CLASS_NAMES, VOCABULARY, make_inputs, serialized_examples
+from serving_helpers import CLASS_NAMES, export_untrained_model, make_inputs, serialized_examples
 
-from multimodal_tf import models
 from multimodal_tf.compat import tf
-from multimodal_tf.data import features, text
-from multimodal_tf.data.preprocessing import Preprocessor
+from multimodal_tf.data import features
 from multimodal_tf.export import ServingModule
 from multimodal_tf.signatures import CLASSIFY_METHOD
-from multimodal_tf.testing import tiny_config
 
 # Every encoder family appears in at least one export; the last is an ensemble.
 EXPORTS = {
@@ -72,20 +69,6 @@ SESSION_RUN = textwrap.dedent(
 )
 
 
-def _export(name: str, overrides: tuple[str, ...], directory) -> tuple[ServingModule, dict]:
-    """A freshly initialised model of the given families, exported; and its test inputs."""
-    config = tiny_config(*overrides)
-    tf.keras.utils.set_random_seed(0)
-    model = models.build_model(
-        config, num_classes=len(CLASS_NAMES), vocab_size=text.vocabulary_size(config.data.text, VOCABULARY)
-    )
-    preprocessor = Preprocessor(config.data, VOCABULARY, config.model.modalities)
-    specs = features.model_feature_specs(config.data, preprocessor.modalities)
-    module = ServingModule(model, preprocessor, CLASS_NAMES, config.model.head.type, specs)
-    module.save(directory / name)
-    return module, config
-
-
 def _requests(module: ServingModule) -> tuple[dict, dict]:
     """Feeds for each signature, and the in-memory model's features for them."""
     raw = make_inputs(5, seed=3, absent=())
@@ -115,7 +98,7 @@ def _requests(module: ServingModule) -> tuple[dict, dict]:
     ],
 )
 def test_every_signature_under_a_tf1_session_equals_the_keras_model(name, tmp_path):
-    module, _ = _export(name, EXPORTS[name], tmp_path)
+    module = export_untrained_model(tmp_path / name, *EXPORTS[name])
     requests, model_features = _requests(module)
     expected = module.model({k: tf.constant(v) for k, v in model_features.items()}, training=False).numpy()
     assert np.all(model_features["image_present"] == [1, 0, 1, 1, 1])  # absence reached the model
