@@ -136,6 +136,14 @@ class EncoderConfig(OneOf):
     families_package: ClassVar[str] = "multimodal_tf.encoders"
     common: ClassVar[tuple[str, ...]] = ("name", "checkpoint")
 
+    # What the preprocessor hands this family's layer: one of
+    # ``data.features.INPUT_KINDS[modality]``; "" = the modality's default
+    # (image pixels, token ids of the data vocabulary, log-mel frames). A
+    # family that needs another input (a waveform, its checkpoint's own
+    # tokenizer) overrides it; data.features turns it into the feature spec
+    # and data.preprocessing into the ops, so both stay in one place.
+    input_kind: ClassVar[str] = ""
+
     checkpoint: str = ""  # local pretrained weights of this encoder (never downloaded)
 
 

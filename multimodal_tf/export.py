@@ -223,8 +223,8 @@ def export_run(
     final = model_dir / str(version)
     if final.exists():
         raise ExportError(f"{final} already exists; pick another --version")
-    preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model.modalities)
-    specs = features.model_feature_specs(config.data, config.model.modalities)
+    preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model)
+    specs = features.model_feature_specs(config.data, config.model)
     module = ServingModule(model, preprocessor, metadata.label_names, config.model.head.type, specs)
     # TF Serving ignores non-numeric folders, so a half-written export is invisible.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))

@@ -122,7 +122,7 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
 
     Returns:
         A functional ``keras.Model`` taking the dict of
-        ``features.model_feature_specs(config.data, config.model.modalities)``
+        ``features.model_feature_specs(config.data, config.model)``
         and returning one float32 tensor named ``"probabilities"``:
         [B, num_classes] (multiclass, multilabel) or [B, 1] (binary). With
         ``model.ensemble_size`` > 1, an :class:`EnsembleModel` of that many
@@ -185,7 +185,7 @@ class EnsembleModel(keras.Model):
 
 def _model_inputs(config: ExperimentConfig) -> dict:
     """One named ``keras.Input`` per model feature."""
-    specs = features.model_feature_specs(config.data, check_modalities(config.model.modalities))
+    specs = features.model_feature_specs(config.data, config.model)
     return {
         name: keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=name) for name, spec in specs.items()
     }

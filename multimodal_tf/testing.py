@@ -57,7 +57,7 @@ def tiny_config(*overrides: str, base: ExperimentConfig | None = None) -> Experi
 def random_features(config: ExperimentConfig, batch_size: int = 4, seed: int = 0, vocab_size: int = 50):
     """Random model features matching ``features.model_feature_specs``."""
     rng = np.random.default_rng(seed)
-    specs = features.model_feature_specs(config.data, config.model.modalities)
+    specs = features.model_feature_specs(config.data, config.model)
     out = {}
     for name, spec in specs.items():
         shape = (batch_size,) + tuple(spec.shape[1:])

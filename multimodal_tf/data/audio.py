@@ -72,9 +72,14 @@ def log_mel_spectrogram(signals: tf.Tensor, config: AudioConfig) -> tf.Tensor:
     return tf.math.log(mel + LOG_OFFSET)
 
 
+def preprocess_waveforms(encoded: tf.Tensor, config: AudioConfig) -> tf.Tensor:
+    """[B] WAV strings -> [B, samples] mono waveforms at the configured rate (zeros where absent)."""
+    spec = tf.TensorSpec([num_samples(config)], tf.float32)
+    return tf.map_fn(lambda x: decode_wav(x, config), encoded, fn_output_signature=spec)
+
+
 def preprocess_audio(encoded: tf.Tensor, config: AudioConfig) -> tf.Tensor:
     """[B] WAV strings -> [B, frames, mel_bins] log-mel (zeros where absent)."""
-    spec = tf.TensorSpec([num_samples(config)], tf.float32)
-    signals = tf.map_fn(lambda x: decode_wav(x, config), encoded, fn_output_signature=spec)
+    signals = preprocess_waveforms(encoded, config)
     present = tf.cast(tf.strings.length(encoded) > 0, tf.float32)
     return log_mel_spectrogram(signals, config) * present[:, None, None]

@@ -7,13 +7,32 @@ are built from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import tensorflow as tf
 
-from multimodal_tf.config import MODALITIES, DataConfig
+from multimodal_tf.config import MODALITIES, DataConfig, ModelConfig
 
 ID = "id"
 LABEL = "label"
 IMAGE, TEXT, AUDIO = MODALITIES
+
+# What preprocessing hands an encoder (``EncoderConfig.input_kind``), per
+# modality; the first is the modality's default.
+PIXELS = "pixels"  # float32 [B, H, W, C] in [0, 1]
+TOKEN_IDS = "token_ids"  # int64 [B, max_tokens] ids of data.text.tokenizer (0 = padding)
+# int64 [B, max_tokens]: [CLS] ... [SEP] ids of the encoder's own WordPiece
+# vocabulary (a BERT checkpoint's vocab.txt); 0 = [PAD].
+CHECKPOINT_TOKEN_IDS = "checkpoint_token_ids"
+LOG_MEL = "log_mel"  # float32 [B, frames, mel_bins]
+WAVEFORM = "waveform"  # float32 [B, samples] mono at data.audio.sample_rate, in [-1, 1]
+INPUT_KINDS = {
+    IMAGE: (PIXELS,),
+    TEXT: (TOKEN_IDS, CHECKPOINT_TOKEN_IDS),
+    AUDIO: (LOG_MEL, WAVEFORM),
+}
+
+Modalities = Sequence[str] | ModelConfig
 
 
 def presence_name(modality: str) -> str:
@@ -42,17 +61,53 @@ def audio_num_frames(config: DataConfig) -> int:
     return 1 + (samples - audio.frame_length) // audio.frame_step
 
 
-def model_feature_specs(config: DataConfig, modalities=MODALITIES) -> dict[str, tf.TensorSpec]:
-    """Specs of the preprocessed features a model consumes (batch dim first)."""
+def input_kinds(model: Modalities = MODALITIES) -> dict[str, str]:
+    """Modality -> input kind (see INPUT_KINDS) of each modality a model uses.
+
+    Args:
+        model: the model config (each encoder family declares its
+            ``input_kind``), or just modality names (default kinds).
+
+    Raises:
+        ValueError: an encoder declares a kind its modality does not have.
+    """
+    if not isinstance(model, ModelConfig):
+        return {m: INPUT_KINDS[m][0] for m in MODALITIES if m in model}
+    kinds = {}
+    for modality in (m for m in MODALITIES if m in model.modalities):
+        encoder = getattr(model, f"{modality}_encoder")
+        kind = type(encoder).input_kind or INPUT_KINDS[modality][0]
+        if kind not in INPUT_KINDS[modality]:
+            raise ValueError(
+                f"encoder {encoder.name!r} declares input kind {kind!r}; "
+                f"{modality} has {list(INPUT_KINDS[modality])}"
+            )
+        kinds[modality] = kind
+    return kinds
+
+
+def model_feature_specs(config: DataConfig, model: Modalities = MODALITIES) -> dict[str, tf.TensorSpec]:
+    """Specs of the preprocessed features a model consumes (batch dim first).
+
+    Args:
+        config: the data preprocessing settings.
+        model: the model config (its encoders decide their input kinds) or
+            the modality names (each modality's default input).
+    """
     specs: dict[str, tf.TensorSpec] = {}
-    if IMAGE in modalities:
+    kinds = input_kinds(model)
+    if IMAGE in kinds:
         shape = (None, config.image.height, config.image.width, config.image.channels)
         specs[IMAGE] = tf.TensorSpec(shape, tf.float32, name=IMAGE)
-    if TEXT in modalities:
+    if TEXT in kinds:  # both kinds are padded id rows
         specs[TEXT] = tf.TensorSpec((None, config.text.max_tokens), tf.int64, name=TEXT)
-    if AUDIO in modalities:
+    if kinds.get(AUDIO) == LOG_MEL:
         shape = (None, audio_num_frames(config), config.audio.num_mel_bins)
         specs[AUDIO] = tf.TensorSpec(shape, tf.float32, name=AUDIO)
+    elif kinds.get(AUDIO) == WAVEFORM:
+        samples = int(round(config.audio.sample_rate * config.audio.duration_seconds))
+        specs[AUDIO] = tf.TensorSpec((None, samples), tf.float32, name=AUDIO)
+    modalities = list(kinds)
     for modality in modalities:
         name = presence_name(modality)
         specs[name] = tf.TensorSpec((None,), tf.float32, name=name)

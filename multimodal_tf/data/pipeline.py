@@ -87,7 +87,7 @@ def make_dataset(
         input_context,
         metadata.counts[split]["examples"],
     )
-    preprocessor = Preprocessor(data, metadata.vocabulary, config.model.modalities)
+    preprocessor = Preprocessor(data, metadata.vocabulary, config.model)
 
     def preprocess(serialized):
         raw = preprocessor.parse_examples(serialized)

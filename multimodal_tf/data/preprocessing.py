@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from multimodal_tf.config import MODALITIES, DataConfig
+from multimodal_tf.config import MODALITIES, DataConfig, ModelConfig
 from multimodal_tf.data import features
-from multimodal_tf.data.audio import preprocess_audio
+from multimodal_tf.data.audio import preprocess_audio, preprocess_waveforms
 from multimodal_tf.data.image import preprocess_images
 from multimodal_tf.data.text import RESERVED_TOKENS, TextTokenizer
 
@@ -23,7 +23,9 @@ class Preprocessor(tf.Module):
     Args:
         config: data preprocessing settings.
         vocabulary: WordPiece vocabulary (from the conversion metadata).
-        modalities: modalities the model uses; others are not computed.
+        modalities: the model config (its encoders decide what each modality
+            is turned into, see ``features.input_kinds``), or the modality
+            names the model uses (default inputs); others are not computed.
 
     Call with a dict of [B] string tensors keyed ``image``/``text``/``audio``
     (encoded image, UTF-8 text, WAV bytes; empty string = absent). Returns
@@ -35,16 +37,23 @@ class Preprocessor(tf.Module):
         self,
         config: DataConfig,
         vocabulary: Sequence[str] = RESERVED_TOKENS,
-        modalities: Sequence[str] = MODALITIES,
+        modalities: Sequence[str] | ModelConfig = MODALITIES,
         name: str = "preprocessor",
     ):
         super().__init__(name=name)
-        unknown = set(modalities) - set(MODALITIES)
+        names = modalities.modalities if isinstance(modalities, ModelConfig) else modalities
+        unknown = set(names) - set(MODALITIES)
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)}; known: {MODALITIES}")
         self.config = config
-        self.modalities = tuple(m for m in MODALITIES if m in modalities)
-        self.tokenizer = TextTokenizer(vocabulary, config.text) if features.TEXT in self.modalities else None
+        self.kinds = features.input_kinds(modalities)
+        self.modalities = tuple(self.kinds)
+        self.tokenizer = None
+        if self.kinds.get(features.TEXT) == features.TOKEN_IDS:
+            self.tokenizer = TextTokenizer(vocabulary, config.text)
+        elif self.kinds.get(features.TEXT) == features.CHECKPOINT_TOKEN_IDS:
+            # The encoder's own vocabulary (e.g. a BERT checkpoint's vocab.txt).
+            self.tokenizer = modalities.text_encoder.tokenizer(config.text)
 
     def __call__(self, raw: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         outputs: dict[str, tf.Tensor] = {}
@@ -56,6 +65,8 @@ class Preprocessor(tf.Module):
                     value = preprocess_images(encoded, self.config.image)
                 elif modality == features.TEXT:
                     value = self.tokenizer(encoded)
+                elif self.kinds[modality] == features.WAVEFORM:
+                    value = preprocess_waveforms(encoded, self.config.audio)
                 else:
                     value = preprocess_audio(encoded, self.config.audio)
             outputs[modality] = value
