@@ -35,8 +35,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check multimodal_tf tests benchmarks pipelines notebooks
-	$(VENV)/bin/ruff format --check multimodal_tf tests benchmarks pipelines notebooks
+	$(VENV)/bin/ruff check multimodal_tf tests benchmarks pipelines notebooks tools
+	$(VENV)/bin/ruff format --check multimodal_tf tests benchmarks pipelines notebooks tools
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix multimodal_tf tests benchmarks

@@ -39,12 +39,21 @@ from multimodal_tf.signatures import (
     WARMUP_FILE_NAME,
 )
 
-# tf-text ops missing from the tensorflow-text 2.12.1 that the tensorflow/serving
-# 2.17-2.19 images embed (docs/dependencies.md, "Serving-side versions").
-FORBIDDEN_TEXT_OPS = {"TFText>RoundRobinTrim", "TFText>RoundRobinGenerateMasks"}
+# The tensorflow-text each TF Serving release line embeds (FACTS.md, "TF
+# Serving images and their tf-text"): 2.17-2.19 ship 2.12.1, whose op set is
+# listed in serving_ops/ (tools/text_ops_from_wheel.py); 2.20 and later ship
+# the tf-text of their own TF.
+SERVING_TEXT_VERSIONS = {
+    "2.17": "2.12.1",
+    "2.18": "2.12.1",
+    "2.19": "2.12.1",
+    "2.20": "2.20",
+    "2.21": "2.21",
+}
+_OPS_DIR = Path(__file__).resolve().parent / "serving_ops"
 
 
-class ExportError(RuntimeError):
+class ExportError(ValueError):
     """The export would not run under TF Serving; the message says why."""
 
 
@@ -122,19 +131,62 @@ class ServingModule(tf.Module):
         set_method_name(directory, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
 
 
-def allowed_ops() -> set[str]:
-    """Core TF ops plus the ops of tensorflow-text's kernels (both linked in TF Serving)."""
+def default_target_serving() -> str:
+    """The TF Serving line matching the installed TensorFlow (``"2.17"``, ``"2.21"``)."""
+    return ".".join(tf.__version__.split(".")[:2])
+
+
+def installed_text_ops() -> set[str]:
+    """The op names the installed tensorflow-text registers (read from its kernels)."""
     import tensorflow_text
     from tensorflow.core.framework import op_def_pb2
     from tensorflow.python.client import pywrap_tf_session
 
-    names = set(dir(tf.raw_ops))
+    names = set()
     root = os.path.dirname(tensorflow_text.__file__)
     for library in glob.glob(os.path.join(root, "python", "**", "_*.so"), recursive=True):
         op_list = op_def_pb2.OpList()
         op_list.ParseFromString(pywrap_tf_session.TF_GetOpList(pywrap_tf_session.TF_LoadLibrary(library)))
         names |= {op.name for op in op_list.op}
-    return names - FORBIDDEN_TEXT_OPS
+    return names
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
+def target_text_ops(target: str) -> tuple[str, set[str]]:
+    """(tensorflow-text version, op names) of the TF Serving line ``target``.
+
+    Where the target's tf-text is at least the installed one, every installed
+    op is there; where it is older, only the installed ops listed for it in
+    ``serving_ops/tensorflow_text-<version>.txt``.
+
+    Raises:
+        ExportError: an unknown target, or an older tf-text with no op list.
+    """
+    if target not in SERVING_TEXT_VERSIONS:
+        raise ExportError(f"unknown --target-serving {target!r}; known: {', '.join(SERVING_TEXT_VERSIONS)}")
+    import tensorflow_text
+
+    version = SERVING_TEXT_VERSIONS[target]
+    installed = installed_text_ops()
+    if _version(version) >= _version(tensorflow_text.__version__):
+        return version, installed
+    listing = _OPS_DIR / f"tensorflow_text-{version}.txt"
+    if not listing.is_file():
+        raise ExportError(f"no op list for tensorflow-text {version} (TF Serving {target}) at {listing}")
+    lines = listing.read_text(encoding="utf-8").splitlines()
+    return version, installed & {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+def allowed_ops(target: str | None = None) -> set[str]:
+    """Core TF ops plus the tf-text ops the target TF Serving line links in.
+
+    Args:
+        target: a key of SERVING_TEXT_VERSIONS; None: the installed TF's line.
+    """
+    return set(dir(tf.raw_ops)) | target_text_ops(target or default_target_serving())[1]
 
 
 def graph_ops(saved_model_dir: str | Path) -> set[str]:
@@ -151,13 +203,23 @@ def graph_ops(saved_model_dir: str | Path) -> set[str]:
     return ops
 
 
-def check_ops(saved_model_dir: str | Path) -> None:
-    """Raises ExportError naming every op TF Serving would not have."""
-    unknown = sorted(graph_ops(saved_model_dir) - allowed_ops())
+def check_ops(saved_model_dir: str | Path, target: str | None = None) -> None:
+    """Raises ExportError naming every op the target TF Serving would not have.
+
+    Args:
+        saved_model_dir: the SavedModel to check.
+        target: the TF Serving line (``"2.17"``, ``"2.21"``); None: the
+            installed TF's.
+    """
+    target = target or default_target_serving()
+    text_version, _ = target_text_ops(target)
+    unknown = sorted(graph_ops(saved_model_dir) - allowed_ops(target))
     if unknown:
         raise ExportError(
-            f"the graph uses ops outside core TF and tensorflow-text: {', '.join(unknown)} "
-            "(tensorflow-io ops belong in conversion, never in the serving graph)"
+            f"the graph uses ops that TF Serving {target} (core TF + tensorflow-text {text_version}) "
+            f"does not have: {', '.join(unknown)} "
+            "(tensorflow-io ops belong in conversion, never in the serving graph; a newer tf-text op "
+            "needs a newer --target-serving)"
         )
 
 
@@ -213,9 +275,23 @@ def next_version(model_dir: Path) -> int:
 
 
 def export_run(
-    run_dir: str | Path, base_path: str | Path, model_name: str, version: int | None = None
+    run_dir: str | Path,
+    base_path: str | Path,
+    model_name: str,
+    version: int | None = None,
+    target_serving: str | None = None,
 ) -> Path:
-    """Exports a run's best weights to ``BASE/NAME/VERSION`` atomically."""
+    """Exports a run's best weights to ``BASE/NAME/VERSION`` atomically.
+
+    Args:
+        run_dir: the training run.
+        base_path: TF Serving's model base path.
+        model_name: the model's name (a folder under ``base_path``).
+        version: the version number; None: one above the highest there.
+        target_serving: the TF Serving line whose ops the graph must keep
+            to (see :func:`check_ops`); None: the installed TF's.
+    """
+    target_text_ops(target_serving or default_target_serving())  # an unknown target fails before work
     config, metadata, model = load_trained_model(run_dir)
     model_dir = Path(base_path) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +306,7 @@ def export_run(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:
         module.save(tmp)
-        check_ops(tmp)
+        check_ops(tmp, target_serving)
         extra = tmp / ASSETS_EXTRA
         extra.mkdir(exist_ok=True)
         config_lib.save(config, extra / "config.yaml")

@@ -43,7 +43,13 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from multimodal_tf.export import export_run  # noqa: PLC0415
 
-    path = export_run(args.run_dir, args.base_path, args.model_name, version=args.version)
+    path = export_run(
+        args.run_dir,
+        args.base_path,
+        args.model_name,
+        version=args.version,
+        target_serving=args.target_serving,
+    )
     print(f"exported {path}")
     return 0
 
@@ -70,4 +76,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--base-path", default="models")
     p.add_argument("--model-name", default="mmtf")
     p.add_argument("--version", type=int, help="default: next integer")
+    p.add_argument(
+        "--target-serving",
+        help="TF Serving line the graph must run on (2.17 ... 2.21; default: the installed TF's): "
+        "refuses tf-text ops that line's image lacks (2.17-2.19 embed tensorflow-text 2.12.1)",
+    )
     p.set_defaults(func=cmd_export)
