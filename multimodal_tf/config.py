@@ -101,6 +101,10 @@ class AudioConfig(Checked):
     num_mel_bins: int = 40
     lower_edge_hertz: float = 20.0
     upper_edge_hertz: float = 7600.0
+    # Conversion-time decoder/resampler of FLAC/OGG/MP3 and non-matching rates
+    # (data/audio_io.py): "soundfile" (libsndfile + soxr), "tfio"
+    # (tensorflow-io, TF <= 2.17 only) or "auto" (tfio where its ops load).
+    reader: str = option("auto", choices=("auto", "soundfile", "tfio"))
 
 
 @dataclasses.dataclass(frozen=True)

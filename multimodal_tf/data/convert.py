@@ -36,6 +36,7 @@ def source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
         "format": FORMAT_VERSION,
         "columns": fingerprint(config.columns),
         "sample_rate": config.audio.sample_rate,
+        "audio_reader": audio_io.resolve_backend(config.audio.reader),
         "text": [config.text.vocab_size, config.text.lower_case, config.text.source],
         "num_shards": config.num_shards,
         "validation_fraction": config.validation_fraction,
@@ -68,7 +69,11 @@ def _example(record, label: int, config: DataConfig) -> tf.train.Example:
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
 
     image = Path(record.image).read_bytes() if record.image else b""
-    audio = audio_io.to_wav16(record.audio, config.audio.sample_rate) if record.audio else b""
+    audio = (
+        audio_io.to_wav16(record.audio, config.audio.sample_rate, config.audio.reader)
+        if record.audio
+        else b""
+    )
     values = {features.IMAGE: image, features.TEXT: record.text, features.AUDIO: audio}
     feature = {features.ID: bytes_feature(record.id.encode()), features.LABEL: int_feature(label)}
     for modality, value in values.items():

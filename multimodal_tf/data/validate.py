@@ -89,9 +89,9 @@ def _check_image(path: str, config: DataConfig) -> str | None:
     return None
 
 
-def _check_audio(path: str) -> str | None:
+def _check_audio(path: str, config: DataConfig) -> str | None:
     try:
-        values, rate = audio_io.read_audio(path)
+        values, rate = audio_io.read_audio(path, config.audio.reader)
     except audio_io.AudioError as e:
         return str(e)
     if values.shape[0] == 0:
@@ -113,7 +113,7 @@ def check_record(record, label_names, config: DataConfig) -> list[Problem]:
             record.text.decode("utf-8")
         except UnicodeDecodeError as e:
             found.append(("text", f"not valid UTF-8 (byte {e.start})"))
-    if record.audio and (reason := _check_audio(record.audio)):
+    if record.audio and (reason := _check_audio(record.audio, config)):
         found.append(("audio", reason))
     if not (record.image or record.text or record.audio or record.text_path):
         found.append(("media", "no modality present"))
