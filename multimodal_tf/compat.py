@@ -9,6 +9,7 @@ module imports ``keras`` from here, so a later move to Keras 3 touches one file.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 
@@ -21,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-__all__ = ["keras", "tf", "import_bert", "import_keras_tuner"]
+__all__ = ["keras", "tf", "import_bert", "import_keras_tuner", "message_to_dict"]
 
 
 @contextlib.contextmanager
@@ -71,3 +72,21 @@ def import_keras_tuner():
         import keras_tuner  # noqa: PLC0415
 
     return keras_tuner
+
+
+def message_to_dict(message) -> dict:
+    """``json_format.MessageToDict`` with proto field names and default-valued fields printed.
+
+    TF Serving's REST API prints primitive fields that hold their default
+    (``always_print_primitive_fields``). protobuf < 5 (TF 2.17) calls that
+    argument ``including_default_value_fields``; protobuf >= 5 (TF 2.21)
+    removed it for ``always_print_fields_with_no_presence``.
+    """
+    from google.protobuf import json_format  # noqa: PLC0415
+
+    parameters = inspect.signature(json_format.MessageToDict).parameters
+    if "always_print_fields_with_no_presence" in parameters:
+        keep_defaults = {"always_print_fields_with_no_presence": True}
+    else:
+        keep_defaults = {"including_default_value_fields": True}
+    return json_format.MessageToDict(message, preserving_proto_field_name=True, **keep_defaults)

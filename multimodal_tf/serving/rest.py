@@ -22,7 +22,6 @@ import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
 
-from google.protobuf import json_format
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -31,6 +30,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
+from multimodal_tf.compat import message_to_dict
 from multimodal_tf.serving import inference, rest_json
 from multimodal_tf.serving.errors import Code, ServingError, invalid_argument, not_found
 from multimodal_tf.serving.http_listener import PooledHTTPServer
@@ -296,9 +296,7 @@ class RestServer:
             )
             return 200, _metadata_json(self.service.get_model_metadata(request, None, "REST"))
         response = self.service.get_model_status(get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
-        return 200, json_format.MessageToDict(
-            response, preserving_proto_field_name=True, including_default_value_fields=True
-        )
+        return 200, message_to_dict(response)
 
     def _post(self, verb: str, spec: model_pb2.ModelSpec, document: dict) -> dict:
         signature_name = document.get("signature_name", "")
@@ -333,8 +331,6 @@ def _metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) ->
         "metadata": {
             # Default-valued fields (an empty method_name, a 0 dim) printed, as TF Serving's
             # always_print_primitive_fields does.
-            "signature_def": json_format.MessageToDict(
-                signature_map, preserving_proto_field_name=True, including_default_value_fields=True
-            )
+            "signature_def": message_to_dict(signature_map)
         },
     }
