@@ -51,6 +51,11 @@ SERVING_TEXT_VERSIONS = {
     "2.21": "2.21",
 }
 _OPS_DIR = Path(__file__).resolve().parent / "serving_ops"
+# The TF Serving image that matches each lock file's TensorFlow
+# (requirements/lock.txt: 2.21, requirements/lock-tf2.17.txt: 2.17);
+# serving/docker-compose.yml and serving/kubernetes.yaml name the default
+# lock's, and tests/test_serving_config.py keeps them in step.
+SERVING_IMAGES = {"2.17": "tensorflow/serving:2.17.1", "2.21": "tensorflow/serving:2.21.0"}
 
 
 class ExportError(ValueError):

@@ -119,10 +119,25 @@ def test_deployment_files_parse():
     )
 
 
+def _default_lock_image() -> str:
+    """The TF Serving image matching the TensorFlow of the default lock file."""
+    from multimodal_tf.export import SERVING_IMAGES
+
+    lock = (DEPLOYMENT.parent / "requirements" / "lock.txt").read_text().splitlines()
+    version = next(line.split("==")[1] for line in lock if line.startswith("tensorflow=="))
+    return SERVING_IMAGES[".".join(version.split(".")[:2])]
+
+
+def test_kubernetes_manifest_runs_the_default_locks_image():
+    deployment, _service = yaml.safe_load_all((DEPLOYMENT / "kubernetes.yaml").read_text())
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == _default_lock_image()
+
+
 def test_compose_file_runs_the_official_image_on_these_files():
     compose = yaml.safe_load((DEPLOYMENT / "docker-compose.yml").read_text())
     service = compose["services"]["tfserving"]
-    assert service["image"] == "tensorflow/serving:2.17.1"
+    # The image follows the lock in use: TF_SERVING_IMAGE overrides the default lock's.
+    assert service["image"] == "${TF_SERVING_IMAGE:-" + _default_lock_image() + "}"
     assert {"127.0.0.1:8500:8500", "127.0.0.1:8501:8501"} == set(service["ports"])
     flags = dict(arg.split("=", 1) for arg in service["command"])
     mounts = {target: source for source, target, _mode in (v.rsplit(":", 2) for v in service["volumes"])}
