@@ -5,13 +5,24 @@ References are independent of the encoder code: the source tf_keras model
 the same images through its own ``preprocess_input``.
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
+from serving_helpers import png_bytes
 
+from multimodal_tf import cli
 from multimodal_tf import config as config_lib
 from multimodal_tf.compat import keras, tf
+from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.encoders import KerasApplicationEncoder, KerasModelEncoder
-from multimodal_tf.testing import run_layer_test, tiny_config
+from multimodal_tf.run_dir import LAST_WEIGHTS, load_trained_model
+from multimodal_tf.testing import assert_config_round_trip, random_features, run_layer_test, tiny_config
+from multimodal_tf.training import train
 
 # Small, fast variants (tens of thousands to a few hundred thousand weights at 32 px).
 SMALL = {
@@ -169,6 +180,7 @@ def test_trainable_layers_unfreezes_only_the_top_layers_and_keeps_batch_norm_fro
     trainable = [layer.name for layer in weighted if layer.trainable]
     top = [layer.name for layer in weighted[-3:] if not isinstance(layer, keras.layers.BatchNormalization)]
     assert trainable == top and encoder.batch_norm_inference  # pretrained: BatchNorm in inference mode
+    assert_config_round_trip(encoder)
 
 
 def small_cnn_file(path, channels: int = 1) -> keras.Model:
@@ -222,3 +234,103 @@ def test_keras_model_encoder_layer_contract(tmp_path):
         (images(batch=2, size=24),),
         (2, 5),
     )
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_text  # registers the tf-text ops the graph uses
+    model = tf.saved_model.load(sys.argv[1])
+    raw = {k: tf.constant(v) for k, v in np.load(sys.argv[2]).items()}
+    print(json.dumps(model.signatures["serving_default"](**raw)["probabilities"].numpy().tolist()))
+    """
+)
+
+
+# A mirrored training with a MobileNet and an export reloaded in another process (about a minute).
+@pytest.mark.slow
+def test_mirrored_two_phase_training_of_a_backbone_with_ema_then_export_equals_it_in_a_fresh_process(
+    synth_manifest, weights_files, tmp_path
+):
+    """Phase 1 (epoch 0) trains the head on a frozen backbone, phase 2 (epoch 1) its top two
+    weighted layers at a tenth of the rate; under MirroredStrategy with weight averaging,
+    BackupAndRestore and best-weights checkpoints (training.train). The run's checkpoint loads
+    into a fresh model, the untouched layers still hold the .h5 file's values, an absent image
+    changes nothing, and the export serves the same probabilities in a fresh process."""
+    source, path = weights_files["MobileNetV3Small"]
+    config = tiny_config(
+        f"data.manifest={synth_manifest}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "model.modalities=[image,text]",
+        "model.image_encoder.name=image/keras_application",
+        "model.image_encoder.architecture=MobileNetV3Small",
+        "model.image_encoder.architecture_arguments={alpha: 0.75, minimalistic: true}",
+        f"model.image_encoder.weights={path}",
+        "model.image_encoder.input_size=32",  # data images are 16 px: resized in the graph
+        "model.image_encoder.trainable_layers=2",
+        "model.image_encoder.unfreeze_at_epoch=1",
+        "model.image_encoder.learning_rate_multiplier=0.1",
+        "train.epochs=2",
+        "data.batch_size=32",  # fewer steps of the MobileNet
+        "train.strategy=mirrored",
+        "train.ema_momentum=0.5",
+        "train.early_stopping_patience=0",
+    )
+    run = train(config, progress=False)
+    history = json.loads((run / "history.json").read_text())
+    assert len(history["loss"]) == 2
+    config, metadata, model = load_trained_model(run, weights=LAST_WEIGHTS)
+    backbone = model.get_layer("image_encoder").backbone
+    weighted = [layer for layer in backbone.layers if layer.weights]
+    top = {layer.name for layer in weighted[-2:] if not isinstance(layer, keras.layers.BatchNormalization)}
+    assert top
+    for layer in weighted:
+        trained = [
+            not np.array_equal(w.numpy(), s.numpy())
+            for w, s in zip(layer.weights, source.get_layer(layer.name).weights, strict=False)
+        ]
+        assert any(trained) == (layer.name in top), layer.name
+
+    # An absent image (presence 0) contributes nothing, whatever its pixels.
+    inputs = random_features(config, batch_size=3, vocab_size=len(metadata.vocabulary))
+    inputs["image_present"][:] = 0.0
+    other = dict(inputs, image=inputs["image"] + 1.0)
+    np.testing.assert_allclose(model(inputs).numpy(), model(other).numpy(), atol=1e-6)
+
+    assert cli.main(["export", str(run), "--base-path", str(tmp_path / "models"), "--model-name", "b"]) == 0
+    exported = tmp_path / "models" / "b" / "1"
+    raw = {
+        "image": np.array([png_bytes(0), b"", png_bytes(2)], dtype=bytes),
+        "text": np.array([b"a red cat", b"blue sky", b""], dtype=bytes),
+    }
+    np.savez(tmp_path / "raw.npz", **raw)
+    config, metadata, best = load_trained_model(run)
+    preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model)
+    expected = best(preprocessor({k: tf.constant(v) for k, v in raw.items()}), training=False).numpy()
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(exported), str(tmp_path / "raw.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        check=True,
+    )
+    served = np.array(json.loads(result.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_keras_model_encoder_runs_under_mixed_precision(tmp_path):
+    small_cnn_file(tmp_path / "faces.h5", channels=3)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        encoder = KerasModelEncoder(str(tmp_path / "faces.h5"), output_layer="conv_2", preprocessing="caffe")
+        regions, mask = KerasModelEncoder(
+            str(tmp_path / "faces.h5"), output_layer="conv_2", sequence_output=True, output_dim=4
+        )(images(batch=2, size=24))
+        pooled = encoder(images(batch=2, size=24))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert pooled.dtype == tf.float16 and np.isfinite(pooled.numpy()).all()
+    assert regions.shape == (2, 12 * 12, 4) and mask.shape == (2, 144)
