@@ -337,9 +337,7 @@ class KerasModelConfig(EncoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.path:
-            raise ConfigFieldError("path", "image/keras_model needs the path of a local Keras model")
-        if not os.path.exists(self.path):
+        if self.path and not os.path.exists(self.path):  # "" (the default) fails when the layer is built
             raise ConfigFieldError("path", f"no such file or folder {self.path!r} (a Keras model file)")
 
 
@@ -423,6 +421,8 @@ class KerasModelEncoder(BackboneEncoder):
     ):
         super().__init__(**kwargs)
         KerasModelConfig(path=path, preprocessing=preprocessing, pooling=pooling, batch_norm=batch_norm)
+        if not path:
+            raise ValueError(f"{self.name}: image/keras_model needs path, a local Keras model file")
         self.path = path
         self.output_layer = output_layer
         self.freeze = freeze
