@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from multimodal_tf import fine_tuning
 from multimodal_tf.compat import keras, tf
 
 
@@ -55,7 +56,9 @@ class SwapEMAWeights(keras.callbacks.Callback):
     def _swap_in(self):
         if self._raw is None:
             variables = self.model.trainable_variables
-            self._raw = [tf.identity(v) for v in variables]
+            # (variable, value) pairs: FineTuningSchedule changes which
+            # variables are trainable between the swap and the restore.
+            self._raw = [(v, tf.identity(v)) for v in variables]
             self.model.optimizer.finalize_variable_values(variables)  # public API: assigns the average
 
     def on_test_begin(self, logs=None):
@@ -66,9 +69,64 @@ class SwapEMAWeights(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._raw is not None:
-            for variable, value in zip(self.model.trainable_variables, self._raw, strict=True):
+            for variable, value in self._raw:
                 variable.assign(value)
             self._raw = None
 
     def on_train_end(self, logs=None):
         self._raw = None  # fit already left the average (or the restored best) in place
+
+
+class FineTuningSchedule(keras.callbacks.Callback):
+    """Two-phase fine-tuning: encoders frozen before their ``unfreeze_at_epoch``, trained after.
+
+    Each epoch trains with the phase's flags (fine_tuning.apply_phase) and a
+    train function traced for them: a traced train step keeps the variable
+    list it was traced with, so changing ``trainable`` alone would change
+    nothing (tf_keras's advice is to recompile). One function is kept per
+    phase, so an unfrozen epoch traces once, not once per epoch.
+
+    Outside the training steps of an epoch (validation, checkpoints, early
+    stopping's saved weights, the end of ``fit``) the model has the flags it
+    was built with again: ``.h5`` weight files and ``get_weights`` order each
+    layer's variables trainable first, so a checkpoint written while an
+    encoder was frozen would not load into a freshly built model.
+
+    Must come after SwapEMAWeights (which swaps the average of the variables
+    trained this epoch in before validation). The optimizer must already be
+    built on every variable of every phase (fine_tuning.variables_ever_trained;
+    recipe.compile_model does it).
+
+    Args:
+        schedule: encoder layer name -> first epoch (0-based) it is trained in.
+    """
+
+    def __init__(self, schedule: dict[str, int]):
+        super().__init__()
+        self.schedule = dict(schedule)
+        self._built_state = None
+        self._functions = {}
+
+    def on_train_begin(self, logs=None):
+        self._built_state = fine_tuning.trainable_state(self.model)
+        self._functions = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        phase = fine_tuning.apply_phase(self.model, self.schedule, epoch)
+        if phase not in self._functions:
+            self._functions[phase] = self.model.make_train_function(force=True)
+        self.model.train_function = self._functions[phase]
+
+    def _restore(self):
+        if self._built_state is not None:
+            fine_tuning.set_trainable_state(self.model, self._built_state)
+
+    def on_test_begin(self, logs=None):
+        self._restore()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._restore()
+
+    def on_train_end(self, logs=None):
+        self._restore()
+        self.model.train_function = None  # a later fit traces for the flags it finds

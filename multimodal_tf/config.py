@@ -138,7 +138,14 @@ class EncoderConfig(OneOf):
 
     registry: ClassVar[Registry] = ENCODERS
     families_package: ClassVar[str] = "multimodal_tf.encoders"
-    common: ClassVar[tuple[str, ...]] = ("name", "checkpoint")
+    # Fields of every family that are not layer arguments: the training
+    # recipe (recipe.py, callbacks.FineTuningSchedule) reads the last two.
+    common: ClassVar[tuple[str, ...]] = (
+        "name",
+        "checkpoint",
+        "learning_rate_multiplier",
+        "unfreeze_at_epoch",
+    )
 
     # What the preprocessor hands this family's layer: one of
     # ``data.features.INPUT_KINDS[modality]``; "" = the modality's default
@@ -149,6 +156,14 @@ class EncoderConfig(OneOf):
     input_kind: ClassVar[str] = ""
 
     checkpoint: str = ""  # local pretrained weights of this encoder (never downloaded)
+    # This encoder's learning rate is train.learning_rate (and its schedule)
+    # times this; 0 keeps its weights fixed. A real per-variable rate, not a
+    # gradient scale (Adam would undo that): see recipe.make_optimizer.
+    learning_rate_multiplier: float = option(1.0, minimum=0.0)
+    # Two-phase fine-tuning: > 0 keeps the encoder frozen for the epochs
+    # before this one (the rest of the model trains), then unfreezes it
+    # (a backbone family: its top ``trainable_layers``); 0 = no phase 1.
+    unfreeze_at_epoch: int = option(0, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

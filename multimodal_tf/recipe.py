@@ -5,7 +5,7 @@ way of training (distillation, multi-task) call these functions, so a model
 is trained and scored the same way wherever it is trained:
 
 * :func:`compile_model`: ``build_model`` + optimizer (schedule, weight
-  averaging), loss and metrics.
+  averaging, per-encoder learning-rate multipliers), loss and metrics.
 * :func:`datasets_for`: the train and val datasets of the real pipeline, with
   head targets and class weights, shaped for the distribution strategy.
 * :func:`callbacks_for`: the callbacks that change what a run learns or
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from multimodal_tf import distribute
-from multimodal_tf.callbacks import SwapEMAWeights
+from multimodal_tf import distribute, fine_tuning
+from multimodal_tf.callbacks import FineTuningSchedule, SwapEMAWeights
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.metadata import DatasetMetadata
@@ -69,8 +69,14 @@ def supervised_dataset(dataset, config, num_classes, weights=None):
     return dataset.map(to_targets, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def make_optimizer(config: ExperimentConfig, steps_per_epoch: int, num_replicas: int = 1):
-    """The configured optimizer, learning-rate schedule and weight averaging."""
+def make_optimizer(
+    config: ExperimentConfig, steps_per_epoch: int, num_replicas: int = 1, multipliers: bool = False
+):
+    """The configured optimizer, learning-rate schedule and weight averaging.
+
+    ``multipliers``: an optimizer that takes per-variable learning-rate
+    multipliers (fine_tuning.LearningRateMultipliers; set them on it).
+    """
     train = config.train
     learning_rate = train.learning_rate * (num_replicas if train.scale_learning_rate else 1)
     if train.lr_schedule == "cosine":
@@ -82,13 +88,17 @@ def make_optimizer(config: ExperimentConfig, steps_per_epoch: int, num_replicas:
     if not 0.0 <= train.ema_momentum < 1.0:
         raise ValueError(f"train.ema_momentum must be in [0, 1); got {train.ema_momentum}")
     ema = {"use_ema": train.ema_momentum > 0, "ema_momentum": train.ema_momentum}
-    if train.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate, **ema)
+    classes = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}
+    if train.optimizer not in classes:
+        raise ValueError(f"train.optimizer must be adam, adamw or sgd; got {train.optimizer!r}")
+    optimizer_class = classes[train.optimizer]
+    if multipliers:
+        optimizer_class = fine_tuning.with_learning_rate_multipliers(optimizer_class)
     if train.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=train.weight_decay, **ema)
+        return optimizer_class(learning_rate, weight_decay=train.weight_decay, **ema)
     if train.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9, **ema)
-    raise ValueError(f"train.optimizer must be adam, adamw or sgd; got {train.optimizer!r}")
+        return optimizer_class(learning_rate, momentum=0.9, **ema)
+    return optimizer_class(learning_rate, **ema)
 
 
 def metrics_for(config: ExperimentConfig):
@@ -109,8 +119,15 @@ def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_repli
     model = build_model(
         config, num_classes_of(config, metadata), vocabulary_size(config.data.text, metadata.vocabulary)
     )
+    groups = fine_tuning.learning_rate_groups(config.model, model)
+    optimizer = make_optimizer(config, steps_per_epoch(config, metadata), num_replicas, bool(groups))
+    if groups:
+        optimizer.set_learning_rate_multipliers(groups)
+    schedule = fine_tuning.unfreeze_schedule(config.model)
+    if schedule:  # slots for the variables of later phases too (see FineTuningSchedule)
+        optimizer.build(fine_tuning.variables_ever_trained(model, schedule))
     model.compile(
-        optimizer=make_optimizer(config, steps_per_epoch(config, metadata), num_replicas),
+        optimizer=optimizer,
         loss=loss_for(config),
         metrics=metrics_for(config),
         jit_compile=config.train.jit_compile,
@@ -168,11 +185,16 @@ def callbacks_for(config: ExperimentConfig, between: Sequence = ()) -> list:
 
     The weight-average swap comes first so that everything after it (the
     caller's checkpoints, Keras Tuner's best-epoch tracking, early stopping)
-    sees the averaged weights; early stopping restores the best epoch's
-    weights; ``lr_schedule: plateau`` halves the rate after 2 flat epochs.
+    sees the averaged weights; encoders with ``unfreeze_at_epoch`` are
+    frozen and unfrozen by FineTuningSchedule; early stopping restores the
+    best epoch's weights; ``lr_schedule: plateau`` halves the rate after 2
+    flat epochs.
     """
     train = config.train
     callbacks = [SwapEMAWeights()] if train.ema_momentum > 0 else []
+    schedule = fine_tuning.unfreeze_schedule(config.model)
+    if schedule:  # after the average swap (see FineTuningSchedule), before checkpoints
+        callbacks.append(FineTuningSchedule(schedule))
     callbacks += list(between)
     if train.early_stopping_patience > 0:
         callbacks.append(

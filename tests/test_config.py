@@ -104,7 +104,10 @@ def test_a_field_of_another_family_is_an_error_naming_the_key_and_the_family_fie
         ConfigError, match="'model.audio_encoder.colour_bins': 'audio/cnn' takes only"
     ) as error:
         config_lib.load([avmnist], ["model.audio_encoder.colour_bins=6"])
-    assert "checkpoint, depth, dropout_rate, name, output_dim, width" in str(error.value)
+    assert (
+        "checkpoint, depth, dropout_rate, learning_rate_multiplier, name, output_dim, unfreeze_at_epoch, width"
+        in str(error.value)
+    )
     with pytest.raises(ConfigError, match="'model.audio_encoder.bidirectional': 'audio/cnn'"):
         config_lib.load([avmnist], ["model.audio_encoder.bidirectional=true"])
     with pytest.raises(
@@ -197,7 +200,8 @@ def test_to_dict_has_only_the_family_fields_and_reloads_identically(tmp_path):
         config_lib.save(config, tmp_path / "config.yaml")
         assert config_lib.load([tmp_path / "config.yaml"]) == config, path.name
     assert set(config_lib.to_dict(config_lib.ExperimentConfig())["model"]["audio_encoder"]) == {
-        "name", "checkpoint", "width", "depth", "output_dim", "dropout_rate"
+        "name", "checkpoint", "learning_rate_multiplier", "unfreeze_at_epoch",
+        "width", "depth", "output_dim", "dropout_rate"
     }  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
 
-Importing this package registers ``image/cnn``, ``text/lstm``, ``text/bow``,
+Importing this package registers ``image/cnn``, ``image/keras_application``,
+``image/keras_model`` (backbones.py), ``text/lstm``, ``text/bow``,
 ``audio/cnn``, ``audio/lstm`` and ``audio/stats``, each with its config class
 (``ImageCNNConfig``, ...: the layer's constructor arguments, which are the
 only fields ``model.<modality>_encoder`` accepts for that family). Each
@@ -20,6 +21,12 @@ from multimodal_tf.encoders.audio import (
     AudioStatsConfig,
     AudioStatsEncoder,
 )
+from multimodal_tf.encoders.backbones import (
+    KerasApplicationConfig,
+    KerasApplicationEncoder,
+    KerasModelConfig,
+    KerasModelEncoder,
+)
 from multimodal_tf.encoders.image import ImageCNNConfig, ImageCNNEncoder
 from multimodal_tf.encoders.text import (
     TextBagOfEmbeddingsConfig,
@@ -38,6 +45,10 @@ __all__ = [
     "AudioStatsEncoder",
     "ImageCNNConfig",
     "ImageCNNEncoder",
+    "KerasApplicationConfig",
+    "KerasApplicationEncoder",
+    "KerasModelConfig",
+    "KerasModelEncoder",
     "TextBagOfEmbeddingsConfig",
     "TextBagOfEmbeddingsEncoder",
     "TextLSTMConfig",
