@@ -275,6 +275,10 @@ def test_fit_step_in_full_model(name):
 SEQUENCE_ENCODERS = ("image/cnn", "image/cnn colour", "text/lstm", "text/bow", "audio/cnn", "audio/lstm")
 
 
+def make_sequence_encoder(name: str):
+    return encoders.build_encoder(CONFIGS[name], name="encoder", sequence_output=True, **_extra(name))
+
+
 def _lstm_like(recurrent_layer, source) -> keras.layers.LSTM:
     """A fresh unidirectional LSTM returning only its last output, with ``source``'s weights."""
     lstm = keras.layers.LSTM(recurrent_layer.units)
@@ -286,7 +290,7 @@ def _lstm_like(recurrent_layer, source) -> keras.layers.LSTM:
 @pytest.mark.parametrize("name", SEQUENCE_ENCODERS)
 def test_sequence_output(name):
     """(sequence, mask) shapes, dtypes and values; the config records it and round-trips."""
-    encoder = make_encoder(name, sequence_output=True)
+    encoder = make_sequence_encoder(name)
     assert type(encoder).supports_sequence_output and encoder.get_config()["sequence_output"] is True
     testing.assert_config_round_trip(encoder)
     inputs = make_input(name)
@@ -337,7 +341,7 @@ def test_sequence_output_uses_the_pooled_encoders_weights(name):
     pooled = make_encoder(name)
     inputs = make_input(name)
     pooled(inputs)
-    sequential = make_encoder(name, sequence_output=True)
+    sequential = make_sequence_encoder(name)
     sequential(inputs)
     assert len(sequential.weights) == len(pooled.weights) - 2  # no projection kernel and bias
     sequential.set_weights([w.numpy() for w in pooled.weights if "projection" not in w.name])
@@ -350,4 +354,4 @@ def test_sequence_output_uses_the_pooled_encoders_weights(name):
 def test_audio_stats_has_no_sequence_output():
     assert not encoders.AudioStatsEncoder.supports_sequence_output
     with pytest.raises(ValueError, match="no sequence output"):
-        make_encoder("audio/stats", sequence_output=True)
+        make_sequence_encoder("audio/stats")
