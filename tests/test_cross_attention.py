@@ -104,6 +104,10 @@ def test_pooled_embedding_is_one_token():
     )
 
 
+# ~20 s of SavedModel tracing: with the slow tests. Exports (tf.saved_model of
+# the serving module) do not revive Keras layers; training checkpoints are
+# HDF5 weights (test_models.py::test_weight_names_are_unique).
+@pytest.mark.slow
 def test_keras_saved_model_round_trip(tmp_path):
     """A revived Keras SavedModel on (sequence, mask) inputs restores every weight (MHA's included)."""
     embeddings, presence = make_sequences()
@@ -311,14 +315,14 @@ def test_mirrored_step_equals_the_default_step():
 
 
 def test_mixed_float16_matches_float32(model_config):
-    """Finite float16 outputs within 2e-2 of float32 on the same weights.
+    """Finite float16 outputs within 5e-3 of float32 on the same weights; masking still exact.
 
-    float16 keeps 11 significant bits (unit roundoff 4.9e-4); two Transformer
-    blocks, the CNN encoders and the head chain some 30 roundings through
-    sums of up to a few hundred terms, so the logits may move by ~1e-2
-    while the float32 softmax on top compresses that further (measured: a few
-    1e-3). 2e-2 on probabilities leaves a margin and still catches a wrong mask,
-    which moves them by ~1e-1.
+    float16 keeps 11 significant bits (unit roundoff 4.9e-4). The encoders,
+    two Transformer blocks and the head chain a few dozen roundings, mostly
+    renormalised by LayerNorm and BatchNorm, and the float32 softmax output
+    moves by about 2 roundings: measured 2e-4 to 1.1e-3 over three seeds.
+    5e-3 leaves a margin of 4x; the probabilities of these examples differ
+    from each other by 2e-2 to 2e-1, so a broken float16 path shows.
     """
     inputs = testing.random_features(model_config, batch_size=4, vocab_size=VOCAB_SIZE)
     inputs["text"][:, 3:] = 0
@@ -335,7 +339,11 @@ def test_mixed_float16_matches_float32(model_config):
     assert half.get_layer("fusion").compute_dtype == "float16"
     output = half(inputs, training=False)
     assert output.dtype == tf.float32 and np.isfinite(output.numpy()).all()
-    np.testing.assert_allclose(output.numpy(), expected, rtol=0, atol=2e-2)
+    np.testing.assert_allclose(output.numpy(), expected, rtol=0, atol=5e-3)
+    # An absent modality still changes nothing (float16 masks: MHA's own, -65504).
+    changed = dict(inputs, audio=inputs["audio"].copy())
+    changed["audio"][0] = 1e4
+    np.testing.assert_allclose(half(changed, training=False).numpy()[0], output.numpy()[0], rtol=0, atol=1e-6)
 
 
 # === Export ===
@@ -353,6 +361,9 @@ FRESH_PROCESS = textwrap.dedent(
 )
 
 
+# Over two minutes on two busy cores (four signatures traced, a fresh TF
+# process): with the slow tests, which CI runs.
+@pytest.mark.slow
 def test_export_reloads_in_a_fresh_process_with_equal_outputs(tmp_path):
     """Raw-bytes signature with padding and missing modalities, fresh process, equal outputs.
 
