@@ -14,6 +14,7 @@ from multimodal_tf.config import HEAD_TYPES, MODALITIES, EncoderConfig, Experime
 from multimodal_tf.data import features
 from multimodal_tf.encoders import build_encoder, load_encoder_checkpoint
 from multimodal_tf.fusion import build_fusion
+from multimodal_tf.registry import ENCODERS
 
 OUTPUT_NAME = "probabilities"
 
@@ -200,17 +201,23 @@ def _build_classifier(
     num_outputs, activation = output_units(model_config.head.type, num_classes)
 
     # === Layers ===
-    encoders = {}
-    for modality in modalities:
-        extra = {"vocab_size": vocab_size} if modality == features.TEXT else {}
-        encoders[modality] = build_encoder(
-            encoder_config(model_config, modality), name=f"{modality}_encoder", **extra
-        )
-    rates = {m: getattr(model_config.modality_dropout, m) for m in modalities}
-    modality_dropout = ModalityDropout(rates, seed=seed, name="modality_dropout")
     fusion = build_fusion(
         model_config.fusion, modalities, num_outputs=num_outputs, output_activation=activation, name="fusion"
     )
+    encoders = {}
+    for modality in modalities:
+        family = encoder_config(model_config, modality)
+        extra = {"vocab_size": vocab_size} if modality == features.TEXT else {}
+        # A fusion over sequences gets each encoder's (sequence, mask) where
+        # the encoder has one; the others' pooled [B, D] embeddings reach it
+        # as one token each (fusion.cross_attention.as_sequence).
+        if fusion.consumes_sequences and getattr(
+            ENCODERS.get(family.name), "supports_sequence_output", False
+        ):
+            extra["sequence_output"] = True
+        encoders[modality] = build_encoder(family, name=f"{modality}_encoder", **extra)
+    rates = {m: getattr(model_config.modality_dropout, m) for m in modalities}
+    modality_dropout = ModalityDropout(rates, seed=seed, name="modality_dropout")
     head = []
     if not fusion.produces_probabilities:
         for i, units in enumerate(model_config.head.hidden_units):

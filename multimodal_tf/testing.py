@@ -34,7 +34,7 @@ TINY_OVERRIDES = (
 )
 
 
-TINY_FUSION = {"hidden_dim": 16, "num_heads": 2}
+TINY_FUSION = {"hidden_dim": 16, "num_heads": 2, "ff_dim": 32}
 
 
 def tiny_config(*overrides: str, base: ExperimentConfig | None = None) -> ExperimentConfig:

@@ -273,3 +273,90 @@ def test_fit_step_in_full_model(name):
     config = testing.tiny_config(*FIT_OVERRIDES[name])
     model = models.build_model(config, num_classes=3, vocab_size=VOCAB_SIZE)
     assert np.isfinite(testing.fit_one_step(model, config, num_classes=3, vocab_size=VOCAB_SIZE))
+
+
+# === Sequence outputs (the protocol of docs/models.md, for cross_attention) ===
+
+SEQUENCE_ENCODERS = ("image/cnn", "image/cnn colour", "text/lstm", "text/bow", "audio/cnn", "audio/lstm")
+
+
+def make_sequence_encoder(name: str):
+    return encoders.build_encoder(CONFIGS[name], name="encoder", sequence_output=True, **_extra(name))
+
+
+def _lstm_like(recurrent_layer, source) -> keras.layers.LSTM:
+    """A fresh unidirectional LSTM returning only its last output, with ``source``'s weights."""
+    lstm = keras.layers.LSTM(recurrent_layer.units)
+    lstm.build((None, None, source.shape[-1]))
+    lstm.set_weights(recurrent_layer.get_weights())
+    return lstm
+
+
+@pytest.mark.parametrize("name", SEQUENCE_ENCODERS)
+def test_sequence_output(name):
+    """(sequence, mask) shapes, dtypes and values; the config records it and round-trips."""
+    encoder = make_sequence_encoder(name)
+    assert type(encoder).supports_sequence_output and encoder.get_config()["sequence_output"] is True
+    testing.assert_config_round_trip(encoder)
+    inputs = make_input(name)
+    if name.startswith("text/"):
+        inputs = inputs.numpy()
+        inputs[2] = 0  # an empty row
+        inputs = tf.constant(inputs)
+    sequence, mask = encoder(inputs, training=False)
+    sequence, mask = sequence.numpy(), mask.numpy()
+    assert mask.dtype == bool and sequence.shape[:2] == mask.shape and np.isfinite(sequence).all()
+    if name.startswith("text/"):
+        np.testing.assert_array_equal(mask, inputs.numpy() != 0)
+        np.testing.assert_array_equal(sequence[~mask], 0.0)  # padding carries nothing
+    else:
+        assert mask.all()
+    if name.startswith("image/"):
+        x = inputs
+        for layer in encoder.blocks:
+            x = layer(x, training=False)
+        regions = x.numpy().reshape(BATCH, -1, x.shape[-1])  # row-major: region (i, j) is i * w + j
+        assert sequence.shape == (BATCH, 16, 16 + (64 if "colour" in name else 0))  # 16 px / 2**2 = 4 x 4
+        np.testing.assert_allclose(sequence[..., : x.shape[-1]], regions, atol=1e-6)
+    elif name == "text/bow":
+        table = encoder.embedding.embeddings.numpy()
+        np.testing.assert_allclose(sequence, np.where(mask[..., None], table[inputs.numpy()], 0.0), atol=1e-6)
+    elif name == "text/lstm":
+        # Token t's output is the LSTM run over tokens 0..t alone.
+        embedded = encoder.embedding(inputs)
+        lstm = _lstm_like(encoder.recurrent[-1], embedded)
+        for t in (0, 3, 4):
+            np.testing.assert_allclose(sequence[0, t], lstm(embedded[:1, : t + 1]).numpy()[0], atol=1e-5)
+    elif name == "audio/cnn":
+        x = encoder.input_norm(inputs)[..., None]
+        for layer in encoder.blocks:
+            x = layer(x, training=False)
+        assert sequence.shape == (BATCH, 6, 4 * 16)  # ceil(23 / 4) frames, 16 / 4 bands x 16 channels
+        np.testing.assert_allclose(sequence, x.numpy().reshape(BATCH, 6, -1), atol=1e-6)
+    else:  # audio/lstm
+        normed = encoder.input_norm(inputs)
+        lstm = _lstm_like(encoder.recurrent[-1], normed)
+        assert sequence.shape == (BATCH, 23, 8)
+        np.testing.assert_allclose(sequence[:, 10], lstm(normed[:, :11]).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["text/lstm", "audio/lstm"])
+def test_sequence_output_uses_the_pooled_encoders_weights(name):
+    """The last LSTM's final step is the state the pooled encoder projects (same weights, same input)."""
+    pooled = make_encoder(name)
+    inputs = make_input(name)
+    pooled(inputs)
+    sequential = make_sequence_encoder(name)
+    sequential(inputs)
+    assert len(sequential.weights) == len(pooled.weights) - 2  # no projection kernel and bias
+    sequential.set_weights([w.numpy() for w in pooled.weights if "projection" not in w.name])
+    sequence, mask = sequential(inputs, training=False)
+    last = tf.gather(sequence, tf.reduce_sum(tf.cast(mask, tf.int32), axis=1) - 1, batch_dims=1)
+    expected = pooled.dropout(pooled.projection(last), training=False)
+    np.testing.assert_allclose(pooled(inputs, training=False).numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_audio_stats_has_no_sequence_output():
+    assert not encoders.AudioStatsEncoder.supports_sequence_output
+    with pytest.raises(ValueError, match="no sequence output"):
+        make_sequence_encoder("audio/stats")

@@ -12,7 +12,7 @@ from multimodal_tf import fusion, models, testing
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.registry import FUSIONS
 
-NAMES = ("concat", "weighted_sum", "gated", "attention", "late", "tensor")
+NAMES = ("concat", "weighted_sum", "gated", "attention", "cross_attention", "late", "tensor")
 MODALITIES = ("image", "text", "audio")
 DIMS = {"image": 6, "text": 4, "audio": 5}  # different sizes on purpose
 BATCH = 5
@@ -23,6 +23,7 @@ OUTPUT_DIMS = {
     "weighted_sum": HIDDEN_DIM,
     "gated": HIDDEN_DIM,
     "attention": HIDDEN_DIM,
+    "cross_attention": HIDDEN_DIM,
     "late": NUM_CLASSES,
     "tensor": HIDDEN_DIM,
 }
@@ -35,7 +36,7 @@ PRESENCE = {
 
 
 # Each family's tiny settings: its config takes only its own fields.
-SETTINGS = {"hidden_dim": HIDDEN_DIM, "num_heads": 2, "rank": 3, "dropout_rate": 0.1}
+SETTINGS = {"hidden_dim": HIDDEN_DIM, "num_heads": 2, "rank": 3, "dropout_rate": 0.1, "ff_dim": 16}
 
 
 def family_config(name: str, **changes):
@@ -113,6 +114,8 @@ def test_every_family_config_is_its_layers_arguments():
             "model.fusion.num_heads: must divide",
         ),
         ("model.fusion={name: tensor, rank: 0}", "model.fusion.rank: must be >= 1"),
+        ("model.fusion={name: cross_attention, num_layers: 0}", "model.fusion.num_layers: must be >= 1"),
+        ("model.fusion={name: cross_attention, readout: max}", "model.fusion.readout: expected one of"),
     ],
 )
 def test_fusion_config_rejects_what_the_family_does_not_take(override, message):

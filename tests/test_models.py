@@ -177,7 +177,9 @@ def test_encoder_checkpoint_is_loaded(tmp_path):
         np.testing.assert_array_equal(loaded.numpy(), saved.numpy())
 
 
-@pytest.mark.parametrize("fusion", ["concat", "weighted_sum", "gated", "attention", "late", "tensor"])
+@pytest.mark.parametrize(
+    "fusion", ["concat", "weighted_sum", "gated", "attention", "cross_attention", "late", "tensor"]
+)
 def test_weight_names_are_unique(fusion):
     """HDF5 weight files (the training checkpoints) need one name per weight."""
     config = testing.tiny_config("model.modalities=[image,audio]", f"model.fusion.name={fusion}")

@@ -25,7 +25,8 @@ from multimodal_tf.data import features
 from multimodal_tf.export import ServingModule
 from multimodal_tf.signatures import CLASSIFY_METHOD
 
-# Every encoder family appears in at least one export; the last is an ensemble.
+# Every encoder family appears in at least one export, and so do the sequence
+# outputs of image/cnn, text/lstm and audio/lstm (cross_attention).
 EXPORTS = {
     "cnn-colour_lstm_cnn-attention": (
         "model.image_encoder.colour_bins=4",
@@ -38,6 +39,11 @@ EXPORTS = {
         "model.audio_encoder.name=audio/lstm",
         "model.audio_encoder.depth=1",
         "model.fusion.name=gated",
+    ),
+    "cnn_lstm_lstm-cross_attention": (
+        "model.audio_encoder.name=audio/lstm",
+        "model.audio_encoder.depth=1",
+        "model.fusion.name=cross_attention",
     ),
     "late-ensemble_stats": (
         "model.audio_encoder.name=audio/stats",
@@ -95,6 +101,7 @@ def _requests(module: ServingModule) -> tuple[dict, dict]:
         "cnn-colour_lstm_cnn-attention",
         pytest.param("cnn_bow-ngrams_lstm-gated", marks=pytest.mark.slow),
         pytest.param("late-ensemble_stats", marks=pytest.mark.slow),
+        pytest.param("cnn_lstm_lstm-cross_attention", marks=pytest.mark.slow),
     ],
 )
 def test_every_signature_under_a_tf1_session_equals_the_keras_model(name, tmp_path):

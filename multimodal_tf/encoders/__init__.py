@@ -7,6 +7,9 @@ Importing this package registers ``image/cnn``, ``image/keras_application``,
 only fields ``model.<modality>_encoder`` accepts for that family). Each
 encoder is a Keras layer mapping one preprocessed modality (see
 ``data.features.model_feature_specs``) to a [B, output_dim] embedding.
+Those whose class sets ``supports_sequence_output`` also take
+``sequence_output=True`` and then return (sequence [B, T, D], bool mask
+[B, T]) for fusions that consume sequences (docs/models.md).
 """
 
 from __future__ import annotations

@@ -64,7 +64,14 @@ class AudioStatsConfig(_AudioConfig):
 
 
 class _AudioEncoder(keras.layers.Layer):
-    """Shared arguments, input normalisation, projection and config of the audio encoders."""
+    """Shared arguments, input normalisation, projection and config of the audio encoders.
+
+    ``sequence_output`` (the sequence protocol of docs/models.md; set by
+    ``models.build_model``, not a config field) is accepted only by the
+    encoders whose class sets ``supports_sequence_output``.
+    """
+
+    supports_sequence_output = False
 
     def __init__(
         self,
@@ -72,6 +79,7 @@ class _AudioEncoder(keras.layers.Layer):
         depth: int = 2,
         output_dim: int = 64,
         dropout_rate: float = 0.1,
+        sequence_output: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -79,6 +87,9 @@ class _AudioEncoder(keras.layers.Layer):
             raise ValueError(
                 f"{self.name}: width, depth and output_dim must be >= 1, got {width}, {depth}, {output_dim}"
             )
+        if sequence_output and not self.supports_sequence_output:
+            raise ValueError(f"{self.name}: {type(self).__name__} has no sequence output")
+        self.sequence_output = sequence_output
         self.width = width
         self.depth = depth
         self.output_dim = output_dim
@@ -95,6 +106,7 @@ class _AudioEncoder(keras.layers.Layer):
                 "depth": self.depth,
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
+                "sequence_output": self.sequence_output,
             }
         )
         return config
@@ -114,15 +126,22 @@ class AudioCNNEncoder(_AudioEncoder):
         spectrograms: float32 [B, frames, mel_bins] log-mel (zeros if absent).
 
     Returns:
-        [B, output_dim] embeddings (ReLU).
+        [B, output_dim] embeddings (ReLU). With ``sequence_output``, the tuple
+        (frames, mask): the feature map's time steps as float
+        [B, ceil(frames / 2**depth), bands * C] (bands and channels of a step
+        folded into its features), after dropout, and an all-True bool mask.
 
     Args:
         width: filters of the first block (doubling per block).
         depth: number of conv blocks.
         output_dim: embedding size.
         dropout_rate: dropout on the embedding.
+        sequence_output: return the frames and their mask instead of the
+            embedding (the projection is then unused, and not built).
         **kwargs: standard layer arguments.
     """
+
+    supports_sequence_output = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -133,6 +152,11 @@ class AudioCNNEncoder(_AudioEncoder):
         x = self.input_norm(spectrograms)[..., None]  # [B, frames, mel_bins, 1]
         for layer in self.blocks:
             x = layer(x, training=training)
+        if self.sequence_output:
+            # [B, frames', bands, C] -> [B, frames', bands * C]
+            frames = tf.reshape(x, [tf.shape(x)[0], x.shape[1] or -1, x.shape[2] * x.shape[3]])
+            frames = self.dropout(frames, training=training)
+            return frames, tf.ones(tf.shape(frames)[:2], tf.bool)
         x = tf.reduce_max(x, axis=1)  # [B, bands, channels]: pooled over time
         x = self.projection(self.flatten(x))
         return self.dropout(x, training=training)
@@ -147,7 +171,10 @@ class AudioLSTMEncoder(_AudioEncoder):
         spectrograms: float32 [B, frames, mel_bins] log-mel (zeros if absent).
 
     Returns:
-        [B, output_dim] embeddings (ReLU).
+        [B, output_dim] embeddings (ReLU). With ``sequence_output``, the tuple
+        (frames, mask): the last LSTM layer's per-frame outputs, float
+        [B, frames, width] (``2 * width`` when bidirectional) after dropout,
+        and an all-True bool [B, frames] mask.
 
     Args:
         width: LSTM units (per direction).
@@ -155,18 +182,27 @@ class AudioLSTMEncoder(_AudioEncoder):
         output_dim: embedding size.
         dropout_rate: dropout on the embedding.
         bidirectional: wrap each LSTM in ``Bidirectional``.
+        sequence_output: return the frames and their mask instead of the
+            embedding (the projection is then unused, and not built).
         **kwargs: standard layer arguments.
     """
+
+    supports_sequence_output = True
 
     def __init__(self, *args, bidirectional: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.bidirectional = bidirectional
-        self.recurrent = recurrent_layers(self.width, self.depth, bidirectional)
+        self.recurrent = recurrent_layers(self.width, self.depth, bidirectional, self.sequence_output)
 
     def call(self, spectrograms: tf.Tensor, training=None) -> tf.Tensor:
         x = self.input_norm(spectrograms)
         for layer in self.recurrent:
             x = layer(x, training=training)
+        if self.sequence_output:
+            # Every frame is real: a short clip is padded with silence, which
+            # the log-mel map cannot tell from a quiet recording.
+            frames = self.dropout(x, training=training)
+            return frames, tf.ones(tf.shape(frames)[:2], tf.bool)
         x = self.projection(x)
         return self.dropout(x, training=training)
 

@@ -44,6 +44,17 @@ def colour_histogram(images: tf.Tensor, bins: int) -> tf.Tensor:
     return tf.sqrt(share)
 
 
+def flatten_positions(feature_map: tf.Tensor) -> tf.Tensor:
+    """[B, d_1, ..., d_k, C] -> [B, d_1 * ... * d_k, C]: one row per position.
+
+    Static sizes are kept where they are known, so the fusion's projection
+    (and a functional model's shapes) see the real sequence length.
+    """
+    inner = feature_map.shape[1:-1]
+    length = inner.num_elements() if inner.is_fully_defined() else -1
+    return tf.reshape(feature_map, [tf.shape(feature_map)[0], length, feature_map.shape[-1]])
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageCNNConfig(EncoderConfig):
     """``image/cnn``: the arguments of :class:`ImageCNNEncoder`."""
@@ -75,7 +86,11 @@ class ImageCNNEncoder(keras.layers.Layer):
         images: float32 [B, H, W, C] in [0, 1] (zeros for an absent image).
 
     Returns:
-        [B, output_dim] embeddings (ReLU).
+        [B, output_dim] embeddings (ReLU); with ``sequence_output``, the
+        tuple (regions, mask): the last feature map's positions as float
+        [B, h * w, C] regions (``C = width * 2**(depth - 1)``, plus the
+        ``bins**channels`` colour histogram appended to every region when
+        ``colour_bins``), after dropout, and an all-True bool [B, h * w] mask.
 
     Args:
         width: filters of the first block (doubling per block).
@@ -90,8 +105,16 @@ class ImageCNNEncoder(keras.layers.Layer):
             joins the flattened feature map before the projection. Small
             convolutional stacks see local patterns, not the global palette
             that tells apart, say, icons of food from flags.
+        sequence_output: return the regions of the feature map and their
+            mask instead of the embedding (for fusions that consume
+            sequences; set by ``models.build_model``, not a config field).
+            The projection is then unused, and not built.
         **kwargs: standard layer arguments.
     """
+
+    # The sequence protocol of docs/models.md: ``sequence_output=True`` gives
+    # (sequence [B, T, D], bool mask [B, T]).
+    supports_sequence_output = True
 
     def __init__(
         self,
@@ -101,6 +124,7 @@ class ImageCNNEncoder(keras.layers.Layer):
         dropout_rate: float = 0.1,
         augment: bool = False,
         colour_bins: int = 0,
+        sequence_output: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -116,6 +140,7 @@ class ImageCNNEncoder(keras.layers.Layer):
         self.dropout_rate = dropout_rate
         self.augment = augment
         self.colour_bins = colour_bins
+        self.sequence_output = sequence_output
         self.augmentation = (
             [
                 keras.layers.RandomFlip("horizontal", name="random_flip"),
@@ -140,11 +165,25 @@ class ImageCNNEncoder(keras.layers.Layer):
         colours = colour_histogram(x, self.colour_bins) if self.colour_bins else None
         for layer in self.blocks:
             x = layer(x, training=training)
+        if self.sequence_output:
+            return self._regions(x, colours, training)
         x = self.flatten(x)
         if colours is not None:
             x = tf.concat([x, self.colour_norm(colours, training=training)], axis=-1)
         x = self.projection(x)
         return self.dropout(x, training=training)
+
+    def _regions(self, feature_map: tf.Tensor, colours: tf.Tensor | None, training) -> tuple:
+        """[B, h, w, C] feature map -> ([B, h * w, C'] regions, all-True [B, h * w] mask)."""
+        regions = flatten_positions(feature_map)
+        if colours is not None:
+            # The palette is global: every region carries it, as the
+            # flattened map does in the pooled path.
+            colours = self.colour_norm(colours, training=training)
+            colours = tf.tile(colours[:, None, :], [1, tf.shape(regions)[1], 1])
+            regions = tf.concat([regions, tf.cast(colours, regions.dtype)], axis=-1)
+        regions = self.dropout(regions, training=training)
+        return regions, tf.ones(tf.shape(regions)[:2], tf.bool)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -156,6 +195,7 @@ class ImageCNNEncoder(keras.layers.Layer):
                 "dropout_rate": self.dropout_rate,
                 "augment": self.augment,
                 "colour_bins": self.colour_bins,
+                "sequence_output": self.sequence_output,
             }
         )
         return config

@@ -9,15 +9,31 @@ from multimodal_tf.config import EncoderConfig, option
 from multimodal_tf.registry import ENCODERS
 
 
-def recurrent_layers(width: int, depth: int, bidirectional: bool) -> list[keras.layers.Layer]:
-    """``depth`` LSTM layers of ``width`` units; all but the last return sequences."""
+def recurrent_layers(
+    width: int, depth: int, bidirectional: bool, sequence_output: bool = False
+) -> list[keras.layers.Layer]:
+    """``depth`` LSTM layers of ``width`` units; all but the last return sequences.
+
+    With ``sequence_output`` the last one returns its sequence too (the same
+    weights: only what the layer returns differs).
+    """
     layers = []
     for i in range(depth):
-        lstm = keras.layers.LSTM(width, return_sequences=i < depth - 1, name=f"lstm_{i}")
+        returns_sequence = sequence_output or i < depth - 1
+        lstm = keras.layers.LSTM(width, return_sequences=returns_sequence, name=f"lstm_{i}")
         if bidirectional:
             lstm = keras.layers.Bidirectional(lstm, name=f"bidirectional_{i}")
         layers.append(lstm)
     return layers
+
+
+def masked_sequence(sequence: tf.Tensor, mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(sequence [B, T, D] with masked positions set to 0, mask [B, T]).
+
+    Masked LSTM steps repeat the last real output; zeroing them makes padding
+    carry nothing even for a consumer that ignored the mask.
+    """
+    return tf.where(mask[..., None], sequence, tf.zeros_like(sequence)), mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +63,10 @@ class TextLSTMEncoder(keras.layers.Layer):
 
     Returns:
         [B, output_dim] embeddings (ReLU); zeros where a row has no token.
+        With ``sequence_output``, the tuple (tokens, mask): the last LSTM
+        layer's per-token outputs, float [B, T, width] (``2 * width`` when
+        bidirectional) after dropout, zero at padding, and the bool [B, T]
+        mask ``tokens != 0``.
 
     Args:
         vocab_size: number of token ids (ids are < vocab_size).
@@ -56,8 +76,13 @@ class TextLSTMEncoder(keras.layers.Layer):
         bidirectional: wrap each LSTM in ``Bidirectional``.
         output_dim: embedding size.
         dropout_rate: dropout on the embedding.
+        sequence_output: return the per-token outputs and their mask (for
+            fusions that consume sequences; set by ``models.build_model``,
+            not a config field). The projection is then unused, and not built.
         **kwargs: standard layer arguments.
     """
+
+    supports_sequence_output = True  # the sequence protocol of docs/models.md
 
     def __init__(
         self,
@@ -68,6 +93,7 @@ class TextLSTMEncoder(keras.layers.Layer):
         bidirectional: bool = False,
         output_dim: int = 64,
         dropout_rate: float = 0.1,
+        sequence_output: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -84,19 +110,22 @@ class TextLSTMEncoder(keras.layers.Layer):
         self.bidirectional = bidirectional
         self.output_dim = output_dim
         self.dropout_rate = dropout_rate
+        self.sequence_output = sequence_output
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, mask_zero=True, name="embedding")
-        self.recurrent = recurrent_layers(width, depth, bidirectional)
+        self.recurrent = recurrent_layers(width, depth, bidirectional, sequence_output)
         self.projection = keras.layers.Dense(output_dim, activation="relu", name="projection")
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
     def call(self, tokens: tf.Tensor, training=None) -> tf.Tensor:
         x = self.embedding(tokens)
-        mask = tf.not_equal(tokens, 0)  # [B, T]
-        has_tokens = tf.reduce_any(mask, axis=1)  # [B]
+        real = tf.not_equal(tokens, 0)  # [B, T]
+        has_tokens = tf.reduce_any(real, axis=1)  # [B]
         first_step = tf.range(tf.shape(tokens)[1]) == 0  # [T]
-        mask = tf.logical_or(mask, tf.logical_and(~has_tokens[:, None], first_step[None, :]))
+        mask = tf.logical_or(real, tf.logical_and(~has_tokens[:, None], first_step[None, :]))
         for layer in self.recurrent:
             x = layer(x, mask=mask, training=training)
+        if self.sequence_output:
+            return masked_sequence(self.dropout(x, training=training), real)
         x = self.dropout(self.projection(x), training=training)
         return tf.where(has_tokens[:, None], x, tf.zeros_like(x))
 
@@ -111,6 +140,7 @@ class TextLSTMEncoder(keras.layers.Layer):
                 "bidirectional": self.bidirectional,
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
+                "sequence_output": self.sequence_output,
             }
         )
         return config
@@ -149,6 +179,9 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
 
     Returns:
         [B, output_dim] embeddings (ReLU); zeros-in gives a constant output.
+        With ``sequence_output``, the tuple (tokens, mask): the token
+        embeddings, float [B, T, embedding_dim] after dropout, zero at
+        padding, and the bool [B, T] mask ``tokens != 0``.
 
     Args:
         vocab_size: vocabulary size (ids < vocab_size).
@@ -156,8 +189,13 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
         output_dim: embedding size (ignored when ``linear``: ``embedding_dim``).
         dropout_rate: dropout on the output.
         linear: mean embedding only (fastText), no max pooling or projection.
+        sequence_output: return the token embeddings and their mask (for
+            fusions that consume sequences; set by ``models.build_model``,
+            not a config field). The projection is then unused, and not built.
         **kwargs: standard layer arguments.
     """
+
+    supports_sequence_output = True  # the sequence protocol of docs/models.md
 
     def __init__(
         self,
@@ -166,12 +204,14 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
         output_dim: int = 64,
         dropout_rate: float = 0.1,
         linear: bool = False,
+        sequence_output: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
         self.linear = linear
+        self.sequence_output = sequence_output
         self.output_dim = embedding_dim if linear else output_dim
         self.dropout_rate = dropout_rate
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
@@ -181,8 +221,10 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
     def call(self, tokens: tf.Tensor, training=None) -> tf.Tensor:
-        mask = tf.cast(tf.not_equal(tokens, 0), tf.float32)[..., None]  # [B, T, 1]
         x = self.embedding(tokens)
+        if self.sequence_output:
+            return masked_sequence(self.dropout(x, training=training), tf.not_equal(tokens, 0))
+        mask = tf.cast(tf.not_equal(tokens, 0), tf.float32)[..., None]  # [B, T, 1]
         count = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
         mean = tf.reduce_sum(x * mask, axis=1) / count
         if self.linear:
@@ -201,6 +243,7 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
                 "output_dim": self.output_dim,
                 "dropout_rate": self.dropout_rate,
                 "linear": self.linear,
+                "sequence_output": self.sequence_output,
             }
         )
         return config

@@ -1,7 +1,7 @@
 """Fusion layers, registered in ``registry.FUSIONS`` by family name.
 
 Importing this package registers every family: ``concat``, ``weighted_sum``,
-``gated``, ``attention``, ``late`` and ``tensor``, each with its config class
+``gated``, ``attention``, ``cross_attention``, ``late`` and ``tensor``, each with its config class
 (``ConcatFusionConfig``, ...: the layer's constructor arguments, which are the
 only fields ``model.fusion`` accepts for that family).
 """
@@ -14,6 +14,7 @@ from multimodal_tf.config import FusionConfig
 from multimodal_tf.fusion.attention import AttentionFusion, AttentionFusionConfig
 from multimodal_tf.fusion.base import FusionLayer, masked_softmax, zero_absent
 from multimodal_tf.fusion.concat import ConcatFusion, ConcatFusionConfig
+from multimodal_tf.fusion.cross_attention import CrossAttentionFusion, CrossAttentionFusionConfig
 from multimodal_tf.fusion.gated import GatedFusion, GatedFusionConfig
 from multimodal_tf.fusion.late import LateFusion, LateFusionConfig
 from multimodal_tf.fusion.tensor import TensorFusion, TensorFusionConfig
@@ -25,6 +26,8 @@ __all__ = [
     "AttentionFusionConfig",
     "ConcatFusion",
     "ConcatFusionConfig",
+    "CrossAttentionFusion",
+    "CrossAttentionFusionConfig",
     "FusionLayer",
     "GatedFusion",
     "GatedFusionConfig",

@@ -2,7 +2,9 @@
 
 Every fusion layer is called as ``fusion(embeddings, presence)`` with two
 dicts keyed by modality: ``embeddings[m]`` is float [B, D_m] (D_m may differ
-between modalities) and ``presence[m]`` is a float 0/1 flag [B]. A modality
+between modalities; a fusion that ``consumes_sequences`` may also get a
+(sequence [B, T_m, D_m], bool mask [B, T_m]) tuple) and ``presence[m]`` is a
+float 0/1 flag [B]. A modality
 whose flag is 0 must not change the output, whatever its embedding holds.
 """
 
@@ -35,6 +37,11 @@ class FusionLayer(keras.layers.Layer):
     # classifier head after it; its constructor also takes ``num_outputs``
     # and ``output_activation``.
     produces_probabilities = False
+    # A fusion over token sequences: models.build_model then builds the
+    # encoders that can with ``sequence_output=True`` and passes their
+    # (sequence [B, T, D], bool mask [B, T]) tuples as ``embeddings[m]``;
+    # an encoder without sequence output still passes its [B, D] embedding.
+    consumes_sequences = False
 
     def __init__(self, modalities: Sequence[str], **kwargs):
         super().__init__(**kwargs)
