@@ -1,11 +1,13 @@
 """Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
 
 Importing this package registers ``image/cnn``, ``text/lstm``, ``text/bow``,
-``audio/cnn``, ``audio/lstm`` and ``audio/stats``, each with its config class
+``audio/cnn``, ``audio/lstm``, ``audio/stats`` and ``audio/saved_model``, each with its config class
 (``ImageCNNConfig``, ...: the layer's constructor arguments, which are the
 only fields ``model.<modality>_encoder`` accepts for that family). Each
 encoder is a Keras layer mapping one preprocessed modality (see
 ``data.features.model_feature_specs``) to a [B, output_dim] embedding.
+``audio/saved_model`` (encoders/audio_saved_model.py) wraps a local
+waveform -> frame-embedding SavedModel such as YAMNet.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from multimodal_tf.encoders.audio import (
     AudioStatsConfig,
     AudioStatsEncoder,
 )
+from multimodal_tf.encoders.audio_saved_model import AudioSavedModelConfig, AudioSavedModelEncoder
 from multimodal_tf.encoders.image import ImageCNNConfig, ImageCNNEncoder
 from multimodal_tf.encoders.text import (
     TextBagOfEmbeddingsConfig,
@@ -33,6 +36,8 @@ __all__ = [
     "AudioCNNConfig",
     "AudioCNNEncoder",
     "AudioLSTMConfig",
+    "AudioSavedModelConfig",
+    "AudioSavedModelEncoder",
     "AudioLSTMEncoder",
     "AudioStatsConfig",
     "AudioStatsEncoder",
