@@ -1,11 +1,17 @@
 """``audio/saved_model``: a test-built YAMNet-like SavedModel, checked against NumPy."""
 
+import io
+import wave
+
 import numpy as np
 import pytest
 
-from multimodal_tf.compat import tf
+from multimodal_tf import models
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.data import features
+from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.encoders import AudioSavedModelEncoder
-from multimodal_tf.testing import tiny_config
+from multimodal_tf.testing import random_features, run_layer_test, tiny_config
 
 # Frames of 0.05 s every 0.025 s, 6 floats each: YAMNet's interface (0.96 s
 # every 0.48 s, 1024 floats) at a size a test builds in a second.
@@ -155,3 +161,107 @@ def test_sequence_output_gives_the_frames_and_a_mask(yamnet):
     np.testing.assert_array_equal(mask.numpy(), [[True] * NUM_FRAMES] * 2 + [[False] * NUM_FRAMES])
     for row, clip in enumerate(clips[:-1]):
         np.testing.assert_allclose(sequence[row].numpy(), reference_frames(clip, module), atol=1e-5)
+
+
+def test_layer_standard_checks(yamnet):
+    """Shapes, get_config round trip, deserialization, gradients to the unfrozen wrapped variables."""
+    path, _ = yamnet
+    layer = run_layer_test(
+        AudioSavedModelEncoder,
+        {"path": path, "freeze": False, "output_dim": 4, "dropout_rate": 0.1, "name": "audio_encoder"},
+        (tf.constant(waveforms()),),
+        (3, 4),
+    )
+    assert {w.name.split("/")[-1] for w in layer.trainable_weights} >= {"frame_kernel:0", "frame_bias:0"}
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_keeps_the_wrapped_variables_fixed(yamnet, tmp_path, freeze):
+    path, module = yamnet
+    inputs = keras.Input((SAMPLES,))
+    encoder = AudioSavedModelEncoder(path, freeze=freeze, output_dim=2)
+    model = keras.Model(inputs, encoder(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    model.fit(waveforms(4), np.ones((4, 2), np.float32), epochs=1, verbose=0)
+    changed = not np.allclose(encoder.wrapped.kernel.numpy(), module.kernel.numpy())
+    assert changed is not freeze
+    assert len(encoder.trainable_weights) == (2 if freeze else 4)  # the projection (+ kernel and bias)
+    # HDF5 weights (the training checkpoints) round-trip the trained wrapped variables.
+    model.save_weights(str(tmp_path / "w.weights.h5"))
+    fresh_encoder = AudioSavedModelEncoder(path, freeze=freeze, output_dim=2)
+    fresh = keras.Model(inputs, fresh_encoder(inputs))
+    fresh.load_weights(str(tmp_path / "w.weights.h5"))
+    np.testing.assert_array_equal(
+        fresh.predict(waveforms(4), verbose=0), model.predict(waveforms(4), verbose=0)
+    )
+
+
+# === Preprocessing and the model ===
+
+
+def wav_file_bytes(samples: np.ndarray) -> bytes:
+    """16-bit PCM mono WAV written with Python's ``wave`` module."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(SAMPLE_RATE)
+        writer.writeframes(samples.astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def wav_file_samples(data: bytes) -> np.ndarray:
+    """Python ``wave`` + NumPy decode, scaled to [-1, 1), cropped/zero-padded to SAMPLES."""
+    with wave.open(io.BytesIO(data)) as reader:
+        values = np.frombuffer(reader.readframes(reader.getnframes()), "<i2") / 32768.0
+    return np.pad(values[:SAMPLES], (0, max(0, SAMPLES - len(values))))
+
+
+def test_preprocessor_hands_this_encoder_the_decoded_waveform(yamnet):
+    config = audio_config(yamnet[0])
+    specs = features.model_feature_specs(config.data, config.model)
+    assert specs["audio"].shape.as_list() == [None, SAMPLES] and specs["audio"].dtype == tf.float32
+    rng = np.random.default_rng(3)
+    clips = [wav_file_bytes(rng.integers(-20000, 20000, n)) for n in (SAMPLES + 700, SAMPLES - 1500)]
+    raw = {"image": tf.constant([b"", b"", b""]), "audio": tf.constant([*clips, b""])}
+    out = Preprocessor(config.data, modalities=config.model)(raw)
+    for row, clip in enumerate(clips):  # one cropped, one zero-padded
+        np.testing.assert_allclose(out["audio"][row].numpy(), wav_file_samples(clip), atol=1e-7)
+    np.testing.assert_array_equal(out["audio"][2].numpy(), np.zeros(SAMPLES))
+    np.testing.assert_array_equal(out["audio_present"].numpy(), [1.0, 1.0, 0.0])
+
+
+def test_model_with_missing_audio_and_modality_dropout_trains_a_step(yamnet):
+    config = audio_config(yamnet[0], "model.audio_encoder.freeze=false", "model.modality_dropout.audio=0.5")
+    model = models.build_model(config, NUM_CLASSES, vocab_size=50)
+    inputs = random_features(config, batch_size=4)
+    inputs["audio"] = waveforms(4)
+    inputs["audio_present"][-1] = 0.0  # the silent row is absent
+    # An absent clip does not change the output, whatever its waveform holds.
+    expected = model(inputs, training=False).numpy()
+    inputs["audio"][-1] = waveforms(4, seed=9)[0]
+    np.testing.assert_allclose(model(inputs, training=False).numpy(), expected, atol=1e-6)
+    model.compile(optimizer="adam", loss=models.loss_for(config))
+    before = model.get_layer("audio_encoder").wrapped.kernel.numpy()
+    history = model.fit(inputs, np.arange(4) % NUM_CLASSES, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert not np.allclose(model.get_layer("audio_encoder").wrapped.kernel.numpy(), before)
+
+
+def test_mixed_float16_runs_the_wrapped_model_in_float32(yamnet):
+    path, module = yamnet
+    clips = waveforms()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        encoder = AudioSavedModelEncoder(path)
+        output = encoder(tf.constant(clips))
+        config = audio_config(path, "model.audio_encoder.output_dim=8")
+        model = models.build_model(config, NUM_CLASSES, vocab_size=50)
+        probabilities = model(random_features(config) | {"audio": waveforms(4)}, training=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert output.dtype == tf.float16 and probabilities.dtype == tf.float32
+    assert np.isfinite(probabilities.numpy()).all()
+    # Only the pooled output is rounded to float16 (relative error 2^-11).
+    expected = reference_frames(clips[0], module).mean(axis=0)
+    np.testing.assert_allclose(output[0].numpy().astype(np.float64), expected, rtol=1e-3, atol=1e-4)
