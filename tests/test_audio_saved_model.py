@@ -1,12 +1,17 @@
 """``audio/saved_model``: a test-built YAMNet-like SavedModel, checked against NumPy."""
 
 import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import wave
 
 import numpy as np
 import pytest
 
-from multimodal_tf import models
+from multimodal_tf import export, models
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.data import features
 from multimodal_tf.data.preprocessing import Preprocessor
@@ -265,3 +270,81 @@ def test_mixed_float16_runs_the_wrapped_model_in_float32(yamnet):
     # Only the pooled output is rounded to float16 (relative error 2^-11).
     expected = reference_frames(clips[0], module).mean(axis=0)
     np.testing.assert_allclose(output[0].numpy().astype(np.float64), expected, rtol=1e-3, atol=1e-4)
+
+
+# === Export ===
+
+
+def export_model(config, directory) -> tuple[keras.Model, Preprocessor]:
+    """The untrained model inside the exporter's ServingModule, saved and op-checked."""
+    model = models.build_model(config, NUM_CLASSES, vocab_size=50)
+    preprocessor = Preprocessor(config.data, modalities=config.model)
+    specs = features.model_feature_specs(config.data, config.model)
+    module = export.ServingModule(model, preprocessor, ["a", "b", "c"], "multiclass", specs)
+    module.save(directory)
+    export.check_ops(directory)
+    return model, preprocessor
+
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    raw = np.load(sys.argv[2], allow_pickle=True)
+    out = loaded.signatures["serving_default"](image=tf.constant(raw["image"]), audio=tf.constant(raw["audio"]))
+    print(json.dumps(out["probabilities"].numpy().tolist()))
+    """
+)
+
+
+# A model build, an export and a second process: about a minute here, so with the slow set (CI runs it).
+@pytest.mark.slow
+def test_export_reloads_in_a_fresh_process_equal_through_raw_wav_bytes(yamnet, tmp_path):
+    """The wrapped graph and its variables travel in the export; its ops pass the TF Serving check."""
+    config = audio_config(yamnet[0], "model.audio_encoder.output_dim=8")
+    model, preprocessor = export_model(config, tmp_path / "model")  # passes check_ops
+    rng = np.random.default_rng(5)
+    png = tf.io.encode_png(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).numpy()
+    clips = [wav_file_bytes(rng.integers(-20000, 20000, n)) for n in (SAMPLES, SAMPLES // 2)]
+    raw = {"image": np.array([png, b"", png], object), "audio": np.array([*clips, b""], object)}
+    expected = model(preprocessor({k: tf.constant(v) for k, v in raw.items()}), training=False).numpy()
+    np.savez(tmp_path / "raw.npz", **raw)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "model"), str(tmp_path / "raw.npz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        check=True,
+    )
+    np.testing.assert_allclose(
+        np.array(json.loads(result.stdout.strip().splitlines()[-1])), expected, atol=1e-5
+    )
+
+
+class EncoderModule(tf.Module):
+    """Just the encoder behind a signature: the smallest export that re-saves the wrapped graph."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    @tf.function(input_signature=[tf.TensorSpec([None, SAMPLES], tf.float32)])
+    def serve(self, waveforms):
+        return {"embedding": self.encoder(waveforms)}
+
+
+@pytest.mark.parametrize("module_class", [YAMNetLike, ResamplingYAMNet])
+def test_the_op_check_covers_the_wrapped_graph(tmp_path, module_class):
+    """Re-saving copies the wrapped functions into the export's library, where check_ops reads them."""
+    encoder = AudioSavedModelEncoder(save(module_class(), tmp_path / "wrapped"))
+    module = EncoderModule(encoder)
+    tf.saved_model.save(module, str(tmp_path / "export"), signatures={"serving_default": module.serve})
+    assert "Relu" in export.graph_ops(tmp_path / "export")  # the wrapped model's own op
+    if module_class is ResamplingYAMNet:
+        with pytest.raises(export.ExportError, match="IO>AudioResample"):
+            export.check_ops(tmp_path / "export")
+    else:
+        export.check_ops(tmp_path / "export")
