@@ -13,6 +13,7 @@ import pytest
 
 from multimodal_tf import export, models
 from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import ConfigError
 from multimodal_tf.data import features
 from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.encoders import AudioSavedModelEncoder
@@ -270,6 +271,81 @@ def test_mixed_float16_runs_the_wrapped_model_in_float32(yamnet):
     # Only the pooled output is rounded to float16 (relative error 2^-11).
     expected = reference_frames(clips[0], module).mean(axis=0)
     np.testing.assert_allclose(output[0].numpy().astype(np.float64), expected, rtol=1e-3, atol=1e-4)
+
+
+# Over 20 s here (a mirrored fit traces the step per replica): with the slow set, which CI runs.
+@pytest.mark.slow
+def test_mirrored_strategy_trains_the_unfrozen_wrapped_model(yamnet):
+    """Loaded inside the strategy's scope, the wrapped variables are mirrored and train on both replicas."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    config = audio_config(yamnet[0], "model.audio_encoder.freeze=false", "model.modalities=[audio]")
+    with strategy.scope():
+        model = models.build_model(config, NUM_CLASSES, vocab_size=50)
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=models.loss_for(config))
+    encoder = model.get_layer("audio_encoder")
+    assert isinstance(encoder.wrapped.kernel, tf.distribute.DistributedValues)
+    before = encoder.wrapped.kernel.numpy()
+    inputs = {"audio": waveforms(4), "audio_present": np.ones(4, np.float32)}
+    history = model.fit(inputs, np.arange(4) % NUM_CLASSES, batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert not np.allclose(encoder.wrapped.kernel.numpy(), before)
+
+
+# === Errors at config and build time ===
+
+
+@pytest.mark.parametrize(
+    "kwargs, samples, message",
+    [
+        ({"signature": "embed"}, SAMPLES, r"no signature 'embed'; it has \['serving_default'\]"),
+        ({"input_key": "audio"}, SAMPLES, r"input 'audio' is not an input .* it takes \['waveform'\]"),
+        (
+            {"output_key": "embedding"},
+            SAMPLES,
+            r"output_key 'embedding' is not an output; it has \['embeddings', 'frame_count', 'loudness', 'predictions'\]",
+        ),
+        ({"output_key": "frame_count"}, SAMPLES, "must be a float tensor, got <dtype: 'int32'>"),
+        ({"output_key": "loudness"}, SAMPLES, r"has shape \(\); expected rank 1 or 2"),
+        (
+            {"batched": True},
+            SAMPLES,
+            r"input 'waveform' has shape \(None,\) \(one clip\): set batched: false",
+        ),
+        (
+            {},
+            FRAME_LENGTH - 1,
+            r"gives no frame for 799 samples \(0.050 s\): raise data.audio.duration_seconds",
+        ),
+    ],
+    ids=["signature", "input_key", "output_key", "int_output", "scalar_output", "batched", "too_short"],
+)
+def test_a_model_that_does_not_fit_is_an_error_naming_the_path(yamnet, kwargs, samples, message):
+    path, _ = yamnet
+    with pytest.raises(ValueError, match=message) as error:
+        AudioSavedModelEncoder(path, **kwargs)(keras.Input((samples,)))
+    assert path in str(error.value)
+
+
+def test_a_missing_or_non_saved_model_path_fails_when_the_model_is_built(tmp_path):
+    with pytest.raises(ValueError, match="needs model.audio_encoder.path"):
+        models.build_model(audio_config(""), NUM_CLASSES, vocab_size=50)
+    for path in (tmp_path / "missing", tmp_path):
+        with pytest.raises(ValueError, match=f"'{path}' is not a SavedModel directory"):
+            models.build_model(audio_config(str(path)), NUM_CLASSES, vocab_size=50)
+
+
+def test_a_sample_rate_mismatch_fails_when_the_config_is_loaded(yamnet):
+    with pytest.raises(
+        ConfigError, match=r"model.audio_encoder.sample_rate: the SavedModel .* takes 16000 Hz"
+    ):
+        audio_config(yamnet[0], "data.audio.sample_rate=8000")
+    # The model's own rate in the config makes it consistent again; unused encoders are not checked.
+    assert audio_config(yamnet[0], "data.audio.sample_rate=8000", "model.audio_encoder.sample_rate=8000")
+    assert tiny_config(
+        "model.modalities=[image]",
+        "model.audio_encoder.name=audio/saved_model",
+        "data.audio.sample_rate=8000",
+    )
 
 
 # === Export ===

@@ -254,6 +254,22 @@ class AudioSavedModelEncoder(keras.layers.Layer):
             )
         return select_output(self._function(*args, **kwargs), self.output_key, self.path)
 
+    def _run_once(self, waveforms: tf.Tensor) -> tf.Tensor:
+        """``_run`` eagerly, in a replica context where a strategy needs one.
+
+        Loaded under a MirroredStrategy's scope, the wrapped variables are
+        mirrored, and its functions may read them only inside a replica.
+        """
+        strategy = tf.distribute.get_strategy()
+        parameter_server = isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy)
+        if (
+            not tf.distribute.has_strategy()
+            or not tf.distribute.in_cross_replica_context()
+            or parameter_server
+        ):
+            return self._run(waveforms)
+        return strategy.experimental_local_results(strategy.run(self._run, (waveforms,)))[0]
+
     def _as_frames(self, output: tf.Tensor) -> tf.Tensor:
         """The output as float32 frames: [B, F, D] (batched) or [F, D]; one vector is one frame."""
         one_vector_rank = 2 if self.batched else 1
@@ -288,7 +304,7 @@ class AudioSavedModelEncoder(keras.layers.Layer):
         with tf.init_scope():  # eager, even when Keras builds the layer inside a graph
             silence = tf.zeros([1, samples] if self.batched else [samples], tf.float32)
             try:
-                output = self._run(silence)
+                output = self._run_once(silence)
             except (TypeError, tf.errors.InvalidArgumentError) as error:
                 raise ValueError(
                     f"audio/saved_model {self.path!r} failed on a [{'1, ' * self.batched}{samples}] float32 "
