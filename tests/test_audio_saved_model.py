@@ -324,6 +324,17 @@ def test_a_model_that_does_not_fit_is_an_error_naming_the_path(yamnet, kwargs, s
     assert path in str(error.value)
 
 
+def test_a_call_the_model_does_not_accept_is_an_error_naming_the_path(trill):
+    """TRILL-style models also need their sample rate: without sample_rate_key the call fails."""
+    path, _ = trill
+    encoder = AudioSavedModelEncoder(
+        path, signature="", input_key="samples", output_key="embedding", batched=True
+    )
+    with pytest.raises(ValueError, match=r"failed on a \[1, 4000\] float32 waveform") as error:
+        encoder(keras.Input((SAMPLES,)))
+    assert path in str(error.value)
+
+
 def test_a_missing_or_non_saved_model_path_fails_when_the_model_is_built(tmp_path):
     with pytest.raises(ValueError, match="needs model.audio_encoder.path"):
         models.build_model(audio_config(""), NUM_CLASSES, vocab_size=50)

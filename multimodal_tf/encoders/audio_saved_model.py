@@ -305,7 +305,9 @@ class AudioSavedModelEncoder(keras.layers.Layer):
             silence = tf.zeros([1, samples] if self.batched else [samples], tf.float32)
             try:
                 output = self._run_once(silence)
-            except (TypeError, tf.errors.InvalidArgumentError) as error:
+            except (TypeError, ValueError, tf.errors.InvalidArgumentError) as error:
+                if self.path in str(error):  # already ours (select_output)
+                    raise
                 raise ValueError(
                     f"audio/saved_model {self.path!r} failed on a [{'1, ' * self.batched}{samples}] float32 "
                     f"waveform: {error}"
