@@ -16,7 +16,7 @@ from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import ConfigError
 from multimodal_tf.data import features
 from multimodal_tf.data.preprocessing import Preprocessor
-from multimodal_tf.encoders import AudioSavedModelEncoder
+from multimodal_tf.encoders import AudioSavedModelConfig, AudioSavedModelEncoder, build_encoder
 from multimodal_tf.testing import random_features, run_layer_test, tiny_config
 
 # Frames of 0.05 s every 0.025 s, 6 floats each: YAMNet's interface (0.96 s
@@ -179,6 +179,16 @@ def test_layer_standard_checks(yamnet):
         (3, 4),
     )
     assert {w.name.split("/")[-1] for w in layer.trainable_weights} >= {"frame_kernel:0", "frame_bias:0"}
+
+
+def test_the_config_is_the_layers_arguments(yamnet):
+    """As tests/test_encoders.py checks for the families buildable from defaults."""
+    config = AudioSavedModelConfig(path=yamnet[0], output_dim=4, freeze=False, pooling="max")
+    layer = build_encoder(config, name="audio_encoder")
+    recorded = set(layer.get_config()) - set(keras.layers.Layer().get_config()) - {"sequence_output"}
+    assert recorded == set(config.layer_arguments())
+    assert all(layer.get_config()[k] == v for k, v in config.layer_arguments().items())
+    assert type(config).input_kind == features.WAVEFORM
 
 
 @pytest.mark.parametrize("freeze", [True, False])
