@@ -165,6 +165,14 @@ class EncoderConfig(OneOf):
     # (a backbone family: its top ``trainable_layers``); 0 = no phase 1.
     unfreeze_at_epoch: int = option(0, minimum=0)
 
+    def check_data(self, data: DataConfig) -> None:
+        """Raises ConfigFieldError where ``data``'s preprocessing cannot feed this family.
+
+        Called when an :class:`ExperimentConfig` is built, for the encoders of
+        the modalities the model uses, so that a mismatch (e.g. a pretrained
+        audio model's sample rate) fails at load. Nothing to check by default.
+        """
+
 
 @dataclasses.dataclass(frozen=True)
 class FusionConfig(OneOf):
@@ -275,6 +283,14 @@ class ExperimentConfig(Checked):
     export: ExportConfig = ExportConfig()
     # Keras Tuner search space: hyperparameter name -> spec dict (see tuning/space.py).
     search_space: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for modality in self.model.modalities:
+            try:
+                getattr(self.model, f"{modality}_encoder").check_data(self.data)
+            except ConfigFieldError as e:
+                raise ConfigFieldError(f"model.{modality}_encoder.{e.key}", e.reason) from None
 
 
 def parse_override(text: str) -> dict:

@@ -2,7 +2,7 @@
 
 Importing this package registers ``image/cnn``, ``image/keras_application``,
 ``image/keras_model`` (backbones.py), ``text/lstm``, ``text/bow``,
-``audio/cnn``, ``audio/lstm`` and ``audio/stats``, each with its config class
+``audio/cnn``, ``audio/lstm``, ``audio/stats`` and ``audio/saved_model``, each with its config class
 (``ImageCNNConfig``, ...: the layer's constructor arguments, which are the
 only fields ``model.<modality>_encoder`` accepts for that family). Each
 encoder is a Keras layer mapping one preprocessed modality (see
@@ -10,6 +10,8 @@ encoder is a Keras layer mapping one preprocessed modality (see
 Those whose class sets ``supports_sequence_output`` also take
 ``sequence_output=True`` and then return (sequence [B, T, D], bool mask
 [B, T]) for fusions that consume sequences (docs/models.md).
+``audio/saved_model`` (encoders/audio_saved_model.py) wraps a local
+waveform -> frame-embedding SavedModel such as YAMNet.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from multimodal_tf.encoders.audio import (
     AudioStatsConfig,
     AudioStatsEncoder,
 )
+from multimodal_tf.encoders.audio_saved_model import AudioSavedModelConfig, AudioSavedModelEncoder
 from multimodal_tf.encoders.backbones import (
     KerasApplicationConfig,
     KerasApplicationEncoder,
@@ -43,6 +46,8 @@ __all__ = [
     "AudioCNNConfig",
     "AudioCNNEncoder",
     "AudioLSTMConfig",
+    "AudioSavedModelConfig",
+    "AudioSavedModelEncoder",
     "AudioLSTMEncoder",
     "AudioStatsConfig",
     "AudioStatsEncoder",
