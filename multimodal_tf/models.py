@@ -201,8 +201,11 @@ def _build_classifier(
 
     # === Layers ===
     encoders = {}
+    kinds = features.input_kinds(model_config)
     for modality in modalities:
-        extra = {"vocab_size": vocab_size} if modality == features.TEXT else {}
+        # Only encoders of the data vocabulary's ids take its size; a
+        # pretrained text encoder (text/bert) brings its own vocabulary.
+        extra = {"vocab_size": vocab_size} if kinds[modality] == features.TOKEN_IDS else {}
         encoders[modality] = build_encoder(
             encoder_config(model_config, modality), name=f"{modality}_encoder", **extra
         )

@@ -1,7 +1,7 @@
 """Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
 
 Importing this package registers ``image/cnn``, ``text/lstm``, ``text/bow``,
-``audio/cnn``, ``audio/lstm`` and ``audio/stats``, each with its config class
+``text/bert``, ``audio/cnn``, ``audio/lstm`` and ``audio/stats``, each with its config class
 (``ImageCNNConfig``, ...: the layer's constructor arguments, which are the
 only fields ``model.<modality>_encoder`` accepts for that family). Each
 encoder is a Keras layer mapping one preprocessed modality (see
@@ -20,6 +20,7 @@ from multimodal_tf.encoders.audio import (
     AudioStatsConfig,
     AudioStatsEncoder,
 )
+from multimodal_tf.encoders.bert import TextBertConfig, TextBertEncoder
 from multimodal_tf.encoders.image import ImageCNNConfig, ImageCNNEncoder
 from multimodal_tf.encoders.text import (
     TextBagOfEmbeddingsConfig,
@@ -39,6 +40,8 @@ __all__ = [
     "ImageCNNConfig",
     "ImageCNNEncoder",
     "TextBagOfEmbeddingsConfig",
+    "TextBertConfig",
+    "TextBertEncoder",
     "TextBagOfEmbeddingsEncoder",
     "TextLSTMConfig",
     "TextLSTMEncoder",
