@@ -173,7 +173,9 @@ def bert_forward(
         )
         inner = gelu(dense(attention, "intermediate/dense"))
         x = _layer_norm(
-            dense(inner, "output/dense") + attention, w[f"{p}/output/LayerNorm/gamma"], w[f"{p}/output/LayerNorm/beta"]
+            dense(inner, "output/dense") + attention,
+            w[f"{p}/output/LayerNorm/gamma"],
+            w[f"{p}/output/LayerNorm/beta"],
         )
     pooled = np.tanh(x[:, 0] @ w["bert/pooler/dense/kernel"] + w["bert/pooler/dense/bias"])
     return x, pooled

@@ -50,7 +50,8 @@ class TextBertConfig(EncoderConfig):
         super().__post_init__()
         if not self.checkpoint_dir:
             raise ConfigFieldError(
-                "checkpoint_dir", "required: a local folder with bert_config.json, bert_model.ckpt.*, vocab.txt"
+                "checkpoint_dir",
+                "required: a local folder with bert_config.json, bert_model.ckpt.*, vocab.txt",
             )
 
     def tokenizer(self, text_config: TextConfig) -> BertTextTokenizer:
@@ -75,7 +76,9 @@ class BertTextTokenizer(tf.Module):
         lower_case: lower-case and strip accents (uncased checkpoints).
     """
 
-    def __init__(self, checkpoint_dir: str, max_tokens: int, lower_case: bool = True, name: str = "tokenizer"):
+    def __init__(
+        self, checkpoint_dir: str, max_tokens: int, lower_case: bool = True, name: str = "tokenizer"
+    ):
         super().__init__(name=name)
         import tensorflow_text as tf_text  # noqa: PLC0415  (only text/bert needs it here)
 
@@ -228,14 +231,13 @@ class TextBertEncoder(keras.layers.Layer):
         def make_weights(ids):
             with tf.name_scope(self.name):  # weight names as if made by the layer's own call
                 sequence = self.bert([ids, tf.zeros_like(ids)], mask=tf.not_equal(ids, 0), training=False)
-                return self.pooler(sequence[:, 0])
+                pooled = self.pooler(sequence[:, 0])
+                return pooled if self.projection is None else self.projection(pooled)
 
         with tf.init_scope(), _float32_policy():
             make_weights.get_concrete_function()
             self._load_checkpoint()
         self.bert.trainable = self.pooler.trainable = not self.freeze
-        if self.projection is not None:
-            self.projection.build((None, self.checkpoint.config["hidden_size"]))
         super().build(input_shape)
 
     def _load_checkpoint(self) -> None:
