@@ -234,6 +234,8 @@ def test_model_trains_ignores_absent_text_and_takes_modality_dropout(checkpoint_
     )
     model = models.build_model(config, NUM_CLASSES, vocab_size=50)  # the data vocabulary is not used
     assert model.get_layer("text_encoder").output_dim == 16  # tiny_config's output_dim carries over
+    names = [weight.name for weight in model.weights]
+    assert len(names) == len(set(names))  # HDF5 training checkpoints need one name per weight
     inputs = testing.random_features(config, vocab_size=len(VOCAB))
     other = testing.random_features(config, seed=1, vocab_size=len(VOCAB))
     other["image"] = inputs["image"]
@@ -305,6 +307,7 @@ def test_export_tokenizes_with_its_own_vocabulary_asset_after_the_checkpoint_is_
     path = tmp_path / "export"
     module.save(path)
     export.check_ops(path)
+    assert {"WordpieceTokenizeWithOffsets", "InitializeTableFromTextFileV2"} <= export.graph_ops(path)
     assert (path / "assets" / "vocab.txt").read_text(encoding="utf-8").split() == list(
         tiny_bert.TINY_VOCABULARY
     )
@@ -337,3 +340,33 @@ def test_export_tokenizes_with_its_own_vocabulary_asset_after_the_checkpoint_is_
     for name, out in outputs.items():
         np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5, err_msg=name)
         np.testing.assert_array_equal(out["text_present"], [1, 1, 0, 1], err_msg=name)
+
+
+# A training run over two mirrored replicas and `mmtf export`: minutes; with the slow tests.
+@pytest.mark.slow
+def test_mirrored_training_run_exports_and_serves_what_it_trained(checkpoint_dir, synth_manifest, tmp_path):
+    from multimodal_tf import cli
+    from multimodal_tf.data.cache import default_tfrecord_dir
+    from multimodal_tf.run_dir import load_trained_model
+    from multimodal_tf.training import train
+
+    config = testing.tiny_config(
+        f"data.manifest={synth_manifest}",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.strategy=mirrored",
+        "model.modalities=[image,text]",
+        "model.modality_dropout.text=0.3",
+        *_bert_overrides(checkpoint_dir),
+    )
+    run = train(config, progress=False)
+    assert np.isfinite(json.loads((run / "history.json").read_text())["loss"]).all()
+    assert cli.main(["export", str(run), "--base-path", str(tmp_path / "models"), "--model-name", "b"]) == 0
+    run_config, metadata, model = load_trained_model(run)
+    directory = default_tfrecord_dir(run_config.data)
+    files = [str(directory / f) for f in metadata.shards["test"]]
+    examples = tf.constant([r.numpy() for r in tf.data.TFRecordDataset(files).take(6)])
+    preprocessor = Preprocessor(run_config.data, metadata.vocabulary, run_config.model)
+    expected = model(preprocessor(preprocessor.parse_examples(examples)), training=False).numpy()
+    loaded = tf.saved_model.load(str(tmp_path / "models" / "b" / "1"))
+    served = loaded.signatures["predict_examples"](examples=examples)["probabilities"].numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
