@@ -31,6 +31,12 @@ def checkpoint_dir(tmp_path_factory):
     return str(tiny_bert.write_tiny_bert_checkpoint(tmp_path_factory.mktemp("bert") / "uncased_L-2_H-16_A-2"))
 
 
+@pytest.fixture(scope="module")
+def encoder(checkpoint_dir):
+    """A fine-tunable encoder without dropout of its own (BERT's inside stays), built once."""
+    return TextBertEncoder(checkpoint_dir, dropout_rate=0.0, name="text_encoder")
+
+
 def _ids(*tokens: str) -> list[int]:
     return [VOCAB[token] for token in tokens]
 
@@ -69,7 +75,7 @@ def test_import_bert_gives_layers_that_fit_inside_a_tf_keras_model():
 # === The key test: the loaded encoder is BERT on this checkpoint ===
 
 
-def test_encoder_equals_a_numpy_bert_on_the_same_checkpoint(checkpoint_dir):
+def test_encoder_equals_a_numpy_bert_on_the_same_checkpoint(checkpoint_dir, encoder):
     """Pooled [CLS] and token vectors equal an independent float64 NumPy BERT within 1e-4.
 
     The reference uses GELU's tanh approximation, as Google's modeling.py and
@@ -81,7 +87,6 @@ def test_encoder_equals_a_numpy_bert_on_the_same_checkpoint(checkpoint_dir):
     sequence, pooled = tiny_bert.bert_forward(weights, tiny_bert.TINY_BERT_CONFIG, ids)
     present = (ids != 0).any(axis=1)
 
-    encoder = TextBertEncoder(checkpoint_dir, dropout_rate=0.0, name="text_encoder")
     np.testing.assert_allclose(encoder(ids).numpy()[present], pooled[present], atol=1e-4)
     np.testing.assert_array_equal(encoder(ids).numpy()[~present], 0.0)  # absent text
 
@@ -94,30 +99,32 @@ def test_encoder_equals_a_numpy_bert_on_the_same_checkpoint(checkpoint_dir):
     assert np.abs(pooled_erf - pooled)[present].max() > 1e-4
 
 
-def test_every_weight_comes_from_the_checkpoint_and_freeze_fixes_them(checkpoint_dir):
+def test_every_weight_comes_from_the_checkpoint_and_freeze_fixes_them(checkpoint_dir, encoder):
     weights = tiny_bert.tiny_bert_weights(tiny_bert.TINY_BERT_CONFIG)
-    encoder = TextBertEncoder(checkpoint_dir, freeze=True, output_dim=4, name="text_encoder")
-    encoder.build((None, 8))
-    loaded = {w.name: w.numpy() for w in encoder.weights}
-    assert len(loaded) == 39 + 2  # 37 BERT + 2 pooler variables; + the projection's kernel and bias
+    ids = tf.constant([_ids("[CLS]", "the", "cat", "[SEP]", "[PAD]", "[PAD]", "[PAD]", "[PAD]")])
+    # Fine-tuned: every BERT and pooler weight trains, and BERT's own dropout acts in training.
+    assert not np.allclose(encoder(ids, training=True).numpy(), encoder(ids, training=False).numpy())
+    assert len(encoder.trainable_weights) == 39  # 37 BERT + 2 pooler variables
+
+    frozen = TextBertEncoder(checkpoint_dir, freeze=True, output_dim=4, dropout_rate=0.0, name="frozen")
+    frozen.build((None, 8))
+    loaded = {w.name: w.numpy() for w in frozen.weights}
+    assert len(loaded) == 39 + 2  # + the projection's kernel and bias
     np.testing.assert_array_equal(
-        loaded["text_encoder/bert/encoder/layer_1/intermediate/kernel:0"],
+        loaded["frozen/bert/encoder/layer_1/intermediate/kernel:0"],
         weights["bert/encoder/layer_1/intermediate/dense/kernel"],
     )
-    np.testing.assert_array_equal(loaded["text_encoder/pooler/kernel:0"], weights["bert/pooler/dense/kernel"])
+    np.testing.assert_array_equal(loaded["frozen/pooler/kernel:0"], weights["bert/pooler/dense/kernel"])
     # Frozen: only the projection trains, and BERT runs without its dropout.
-    assert [w.name for w in encoder.trainable_weights] == [
-        "text_encoder/projection/kernel:0",
-        "text_encoder/projection/bias:0",
+    assert [w.name for w in frozen.trainable_weights] == [
+        "frozen/projection/kernel:0",
+        "frozen/projection/bias:0",
     ]
-    ids = tf.constant([_ids("[CLS]", "the", "cat", "[SEP]", "[PAD]", "[PAD]", "[PAD]", "[PAD]")])
-    frozen = TextBertEncoder(checkpoint_dir, freeze=True, dropout_rate=0.0, name="frozen")
     np.testing.assert_array_equal(frozen(ids, training=True).numpy(), frozen(ids, training=False).numpy())
-    tuned = TextBertEncoder(checkpoint_dir, dropout_rate=0.0, name="tuned")
-    assert not np.allclose(tuned(ids, training=True).numpy(), tuned(ids, training=False).numpy())
-    assert len(tuned.trainable_weights) == 39
 
 
+# Builds the layer four times (each a few seconds of tracing): with the slow tests.
+@pytest.mark.slow
 def test_layer_checks(checkpoint_dir):
     """Shapes, config round trip, serialization (reloading the checkpoint), gradients, a fit step."""
     ids = BertTextTokenizer(checkpoint_dir, max_tokens=8)(tf.constant(SENTENCES))
@@ -248,6 +255,8 @@ def test_model_trains_ignores_absent_text_and_takes_modality_dropout(checkpoint_
     assert np.isfinite(loss)
 
 
+# A model build and trace: with the slow tests (test_models checks the other families' mixed precision).
+@pytest.mark.slow
 def test_mixed_precision_builds_and_runs(checkpoint_dir):
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
