@@ -210,18 +210,18 @@ def test_too_many_tokens_and_a_checkpoint_of_another_size_are_refused(checkpoint
         ValueError, match="33 tokens per text .*bert_config.json allows max_position_embeddings=32"
     ):
         TextBertEncoder(checkpoint_dir).build((None, 33))
-    # A config saying 3 layers over a 2-layer checkpoint: every layer_2 weight is named.
+    # A config saying 3 layers over a 2-layer checkpoint: every layer_2 variable is named.
     broken = _copy(checkpoint_dir, tmp_path)
     config = json.loads((broken / "bert_config.json").read_text())
     (broken / "bert_config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(
-        ValueError, match=r"bert_model.ckpt: 16 model weights .*layer_2/attention/self/query/kernel"
+        ValueError, match=r"bert_model.ckpt: 16 variables .*layer_2/attention/self/query/kernel"
     ):
-        TextBertEncoder(str(broken)).build((None, 8))
+        TextBertEncoder(str(broken))
     # A wider model than the checkpoint: shapes are named.
     (broken / "bert_config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
-    with pytest.raises(ValueError, match=r"intermediate/dense/kernel \[16, 32\], expected \(16, 64\)"):
-        TextBertEncoder(str(broken)).build((None, 8))
+    with pytest.raises(ValueError, match=r"intermediate/dense/kernel \[16, 32\], expected \[16, 64\]"):
+        BertTextTokenizer(str(broken), 8)
 
 
 # === In the model ===

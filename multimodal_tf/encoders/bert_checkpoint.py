@@ -132,3 +132,42 @@ def _check_vocabulary(checkpoint: BertCheckpoint) -> None:
             f"{path}: {len(vocabulary)} tokens, but {WORD_EMBEDDINGS} in {checkpoint.prefix} has {rows} "
             "rows: the vocabulary belongs to another checkpoint"
         )
+    unfit = [
+        f"{name} {list(shapes[name]) if name in shapes else '(absent)'}, expected {shape}"
+        for name, shape in expected_variables(checkpoint.config).items()
+        if list(shapes.get(name, ())) != shape
+    ]
+    if unfit:
+        raise ValueError(
+            f"{checkpoint.prefix}: {len(unfit)} variables that {checkpoint.config_path} implies are absent "
+            "or of another shape (a config of another checkpoint?): " + "; ".join(unfit)
+        )
+
+
+def expected_variables(config: dict) -> dict[str, list[int]]:
+    """Name -> shape of every variable BERT with ``config`` reads (Google's names)."""
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    norm = {"LayerNorm/gamma": [hidden], "LayerNorm/beta": [hidden]}
+    variables = {
+        WORD_EMBEDDINGS: [config["vocab_size"], hidden],
+        "bert/embeddings/token_type_embeddings": [config["type_vocab_size"], hidden],
+        "bert/embeddings/position_embeddings": [config["max_position_embeddings"], hidden],
+        **{f"bert/embeddings/{k}": v for k, v in norm.items()},
+        POOLER_KERNEL: [hidden, hidden],
+        POOLER_BIAS: [hidden],
+    }
+    for i in range(config["num_hidden_layers"]):
+        layer = {
+            **{f"attention/self/{p}/kernel": [hidden, hidden] for p in ("query", "key", "value")},
+            **{f"attention/self/{p}/bias": [hidden] for p in ("query", "key", "value")},
+            "attention/output/dense/kernel": [hidden, hidden],
+            "attention/output/dense/bias": [hidden],
+            **{f"attention/output/{k}": v for k, v in norm.items()},
+            "intermediate/dense/kernel": [hidden, inner],
+            "intermediate/dense/bias": [inner],
+            "output/dense/kernel": [inner, hidden],
+            "output/dense/bias": [hidden],
+            **{f"output/{k}": v for k, v in norm.items()},
+        }
+        variables.update({f"bert/encoder/layer_{i}/{k}": v for k, v in layer.items()})
+    return variables
