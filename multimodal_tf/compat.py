@@ -45,16 +45,31 @@ def import_bert():
 
     bert-for-tf2 imports ``tensorflow.python.keras``; under TF 2.17 that is a
     stale Keras whose layers fail with "Layer input_spec must be an instance of
-    InputSpec" inside tf_keras models. Pointing it at tf_keras fixes that.
+    InputSpec" inside tf_keras models. Pointing it at tf_keras fixes that. The
+    ``sys.modules`` entries alone are not enough: once tf_keras is imported,
+    ``tensorflow.python`` already has a ``keras`` attribute (that stale
+    Keras), and ``from tensorflow.python import keras`` reads the attribute
+    before ``sys.modules``; so both are pointed at tf_keras while ``bert`` is
+    first imported, then restored.
     """
     if "bert" in sys.modules:
         return sys.modules["bert"]
+    import tensorflow.python as tensorflow_python  # noqa: PLC0415
+
     aliases = {"tensorflow.python.keras": keras}
     for name in ("layers", "initializers", "activations", "backend", "models", "utils"):
         aliases[f"tensorflow.python.keras.{name}"] = getattr(keras, name)
-    with _aliased_modules(aliases):
-        import bert  # noqa: PLC0415
-
+    missing = object()
+    saved = getattr(tensorflow_python, "keras", missing)
+    tensorflow_python.keras = keras
+    try:
+        with _aliased_modules(aliases):
+            import bert  # noqa: PLC0415
+    finally:
+        if saved is missing:
+            del tensorflow_python.keras
+        else:
+            tensorflow_python.keras = saved
     return bert
 
 

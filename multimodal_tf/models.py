@@ -205,9 +205,12 @@ def _build_classifier(
         model_config.fusion, modalities, num_outputs=num_outputs, output_activation=activation, name="fusion"
     )
     encoders = {}
+    kinds = features.input_kinds(model_config)
     for modality in modalities:
         family = encoder_config(model_config, modality)
-        extra = {"vocab_size": vocab_size} if modality == features.TEXT else {}
+        # Only encoders of the data vocabulary's ids take its size; a
+        # pretrained text encoder (text/bert) brings its own vocabulary.
+        extra = {"vocab_size": vocab_size} if kinds[modality] == features.TOKEN_IDS else {}
         # A fusion over sequences gets each encoder's (sequence, mask) where
         # the encoder has one; the others' pooled [B, D] embeddings reach it
         # as one token each (fusion.cross_attention.as_sequence).

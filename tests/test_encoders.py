@@ -33,8 +33,9 @@ LAYER_TEST_CHANGES = {
 INPUT_SHAPES = {"image": (16, 16, 3), "text": (8,), "audio": (23, 16)}
 # Families that wrap local files cannot be built from their default config;
 # their own test files check them with files the tests write.
-# Families whose layer needs a local file: tests/test_audio_saved_model.py, tests/test_backbones.py.
-NEEDS_LOCAL_FILES = {"audio/saved_model", "image/keras_model"}
+# Families whose layer needs a local file: tests/test_audio_saved_model.py, tests/test_backbones.py,
+# tests/test_bert.py.
+NEEDS_LOCAL_FILES = {"audio/saved_model", "image/keras_model", "text/bert"}
 VOCAB_SIZE = 50
 
 

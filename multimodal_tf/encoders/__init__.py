@@ -1,7 +1,7 @@
 """Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
 
 Importing this package registers ``image/cnn``, ``image/keras_application``,
-``image/keras_model`` (backbones.py), ``text/lstm``, ``text/bow``,
+``image/keras_model`` (backbones.py), ``text/lstm``, ``text/bow``, ``text/bert``,
 ``audio/cnn``, ``audio/lstm``, ``audio/stats`` and ``audio/saved_model``, each with its config class
 (``ImageCNNConfig``, ...: the layer's constructor arguments, which are the
 only fields ``model.<modality>_encoder`` accepts for that family). Each
@@ -33,6 +33,7 @@ from multimodal_tf.encoders.backbones import (
     KerasModelConfig,
     KerasModelEncoder,
 )
+from multimodal_tf.encoders.bert import TextBertConfig, TextBertEncoder
 from multimodal_tf.encoders.image import ImageCNNConfig, ImageCNNEncoder
 from multimodal_tf.encoders.text import (
     TextBagOfEmbeddingsConfig,
@@ -58,6 +59,8 @@ __all__ = [
     "KerasModelConfig",
     "KerasModelEncoder",
     "TextBagOfEmbeddingsConfig",
+    "TextBertConfig",
+    "TextBertEncoder",
     "TextBagOfEmbeddingsEncoder",
     "TextLSTMConfig",
     "TextLSTMEncoder",
