@@ -12,7 +12,7 @@ from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.export import export_run
 from multimodal_tf.run_dir import load_trained_model
 from multimodal_tf.serving.local import LocalModel
-from multimodal_tf.testing import tiny_config
+from multimodal_tf.testing import fit_with_the_recipe, tiny_config
 from multimodal_tf.training import train
 
 
@@ -87,49 +87,30 @@ def test_precision_and_xla_train_keep_float32_variables_and_export_equal_outputs
         np.testing.assert_allclose(exported, model(model_features, training=False).numpy(), atol=0.05)
 
 
-def test_early_stopping_ends_a_run_whose_monitor_stops_improving(synth_manifest, tmp_path):
-    # Learning rate 0 and no BatchNorm (text only): val_loss is the same every
-    # epoch, so patience 1 stops after the second of six epochs.
+def test_early_stopping_ends_a_run_whose_monitor_stops_improving(synth_manifest):
+    # Learning rate 0 and no BatchNorm (bag-of-words text only): val_loss is the
+    # same every epoch, so patience 1 stops after the second of six epochs.
     config = tiny_config(
         f"data.manifest={synth_manifest}",
-        f"train.output_dir={tmp_path}",
         "model.modalities=[text]",
+        "model.text_encoder.name=text/bow",
+        "data.batch_size=32",
         "train.epochs=6",
         "train.learning_rate=0.0",
         "train.monitor=val_loss",
         "train.early_stopping_patience=1",
     )
-    history = json.loads((train(config, progress=False) / "history.json").read_text())
+    _, history = fit_with_the_recipe(config)
     assert len(history["loss"]) == 2, history
 
 
-@pytest.fixture(scope="module")
-def imbalanced_manifest(synth_manifest, tmp_path_factory):
-    """Classes 0 and 1 of the synthetic set, class 1 kept in one train row of four (~4:1)."""
-    rows = list(csv.DictReader(open(synth_manifest, encoding="utf-8")))
-    kept, seen = [], 0
-    for row in rows:
-        if row["label"] == "0" or (row["label"] == "1" and row["split"] == "test"):
-            kept.append(row)
-        elif row["label"] == "1":
-            seen += 1
-            if seen % 4 == 0:
-                kept.append(row)
-    out = tmp_path_factory.mktemp("imbalanced") / "manifest.csv"
-    for row in kept:  # media paths relative to the new manifest's folder
-        for column in ("image", "audio"):
-            row[column] = str(synth_manifest.parent / row[column]) if row[column] else ""
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept)
-    return out
-
-
-def test_balanced_class_weights_weigh_the_loss_by_inverse_class_frequency(imbalanced_manifest, tmp_path):
+def test_balanced_class_weights_weigh_the_loss_by_inverse_class_frequency(two_class_manifest, tmp_path):
     configs = {
         mode: tiny_config(
-            f"data.manifest={imbalanced_manifest}", "model.modalities=[image]", f"train.class_weights={mode}"
+            f"data.manifest={two_class_manifest}",
+            "model.modalities=[text]",
+            "model.text_encoder.name=text/bow",
+            f"train.class_weights={mode}",
         )
         for mode in ("none", "balanced")
     }
