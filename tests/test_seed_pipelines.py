@@ -73,7 +73,7 @@ def test_seed_b_binary_head_trains_and_its_export_classifies(binary_manifest, tm
 
     examples = held_out_examples(run)
     result = LocalModel(version).classify(examples)
-    assert result["classes"].tolist() == [[b"minority", b"majority"]] * len(examples)
+    assert result["classes"].tolist() == [["minority", "majority"]] * len(examples)
     # Classify's scores are [P(minority), P(majority)] of the model's one sigmoid unit.
     config, metadata, model = load_trained_model(run)
     preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model.modalities)
