@@ -44,7 +44,15 @@ def query_server(export_base: Path, manifest: Path, data: DataConfig, count: int
     return serve_and_query(export_base, MODEL_NAME, held_out_records(manifest, data, count))
 
 
-def run_demo(out: str | Path, manifest: str | None = None, overrides=()) -> int:
+def run_demo(out: str | Path, manifest: str | None = None, overrides=(), num_examples: int = 2400) -> int:
+    """Runs the whole job; returns the exit status of the queries (0: every answer was right-shaped).
+
+    Args:
+        out: folder for the data, the run and the exports.
+        manifest: a manifest to use instead of the synthetic set.
+        overrides: ``key=value`` overrides of the packaged demo config.
+        num_examples: size of the synthetic set (ignored with ``manifest``).
+    """
     from multimodal_tf.data.synthetic import synthesize
     from multimodal_tf.evaluation import evaluate
     from multimodal_tf.export import export_run
@@ -54,7 +62,7 @@ def run_demo(out: str | Path, manifest: str | None = None, overrides=()) -> int:
     out = Path(out)
     if manifest is None:
         _banner("1/6 synthetic dataset")
-        manifest = synthesize(out / "data", num_examples=2400, seed=0)
+        manifest = synthesize(out / "data", num_examples=num_examples, seed=0)
         print(f"wrote {manifest}")
     manifest = Path(manifest)
     config = demo_config([f"data.manifest={manifest}", f"train.output_dir={out / 'run'}", *overrides])

@@ -30,10 +30,23 @@ from multimodal_tf.data.text import vocabulary_size
 from multimodal_tf.models import build_model, labels_for_head, loss_for
 
 
-def set_seed(seed: int) -> None:
-    """Seeds Python, NumPy and TF and makes TF ops deterministic."""
+def set_seed(seed: int, deterministic: bool = True) -> None:
+    """Seeds Python, NumPy and TF; ``deterministic`` makes TF ops deterministic (else undoes it).
+
+    ``train.jit_compile`` runs need ``deterministic=False``: XLA has no
+    deterministic MaxPool gradient ("GPU MaxPool gradient ops do not yet have
+    a deterministic XLA implementation", on CPU too), so every CNN model
+    failed its first XLA step. Determinism is process-wide, hence undone for
+    an XLA run after a deterministic one (tests, tuning trials).
+    """
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        # No public switch back (TF 2.17): the function behind the public enable.
+        from tensorflow.python.framework import config as tf_config  # noqa: PLC0415
+
+        tf_config.disable_op_determinism()
 
 
 def num_classes_of(config: ExperimentConfig, metadata: DatasetMetadata) -> int:
@@ -113,26 +126,36 @@ def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_repli
 
     Call it inside the distribution strategy's scope (Keras Tuner's
     ``distribution_strategy`` does that for trials).
+
+    ``train.mixed_precision`` applies to this model only: layers and the
+    model take their dtype policy when they are built (and ``compile`` adds
+    loss scaling for ``mixed_float16``), so the global policy is restored
+    afterwards. Left set, it leaked into every later model of the process:
+    the next tuning trial, a float32 run after a mixed one, the export.
     """
+    previous = keras.mixed_precision.global_policy()
     if config.train.mixed_precision:
         keras.mixed_precision.set_global_policy(config.train.mixed_precision)
-    model = build_model(
-        config, num_classes_of(config, metadata), vocabulary_size(config.data.text, metadata.vocabulary)
-    )
-    groups = fine_tuning.learning_rate_groups(config.model, model)
-    optimizer = make_optimizer(config, steps_per_epoch(config, metadata), num_replicas, bool(groups))
-    if groups:
-        optimizer.set_learning_rate_multipliers(groups)
-    schedule = fine_tuning.unfreeze_schedule(config.model)
-    if schedule:  # slots for the variables of later phases too (see FineTuningSchedule)
-        optimizer.build(fine_tuning.variables_ever_trained(model, schedule))
-    model.compile(
-        optimizer=optimizer,
-        loss=loss_for(config),
-        metrics=metrics_for(config),
-        jit_compile=config.train.jit_compile,
-        steps_per_execution=config.train.steps_per_execution,
-    )
+    try:
+        model = build_model(
+            config, num_classes_of(config, metadata), vocabulary_size(config.data.text, metadata.vocabulary)
+        )
+        groups = fine_tuning.learning_rate_groups(config.model, model)
+        optimizer = make_optimizer(config, steps_per_epoch(config, metadata), num_replicas, bool(groups))
+        if groups:
+            optimizer.set_learning_rate_multipliers(groups)
+        schedule = fine_tuning.unfreeze_schedule(config.model)
+        if schedule:  # slots for the variables of later phases too (see FineTuningSchedule)
+            optimizer.build(fine_tuning.variables_ever_trained(model, schedule))
+        model.compile(
+            optimizer=optimizer,
+            loss=loss_for(config),
+            metrics=metrics_for(config),
+            jit_compile=config.train.jit_compile,
+            steps_per_execution=config.train.steps_per_execution,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     return model
 
 

@@ -93,6 +93,30 @@ def fit_one_step(
     return float(history.history["loss"][-1])
 
 
+def fit_with_the_recipe(config: ExperimentConfig, epochs: int | None = None):
+    """Fits ``mmtf train``'s model, datasets and recipe callbacks, without a run directory.
+
+    The same :mod:`~multimodal_tf.recipe` calls as ``training.train`` and every
+    tuning trial, minus checkpoints, logs and final evaluation (seconds per
+    test). Returns ``(model, history dict)``.
+    """
+    from multimodal_tf import recipe  # noqa: PLC0415  (keeps this module light)
+    from multimodal_tf.data.cache import prepare_data  # noqa: PLC0415
+
+    metadata = prepare_data(config.data, progress=False)
+    recipe.set_seed(config.train.seed, deterministic=not config.train.jit_compile)
+    model = recipe.compile_model(config, metadata)
+    train, val, _ = recipe.datasets_for(config, metadata)
+    history = model.fit(
+        train,
+        validation_data=val,
+        epochs=epochs or config.train.epochs,
+        callbacks=recipe.callbacks_for(config),
+        verbose=0,
+    )
+    return model, history.history
+
+
 def assert_config_round_trip(layer) -> None:
     """``type(layer).from_config(layer.get_config())`` has the same config."""
     config = layer.get_config()

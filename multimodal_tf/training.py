@@ -98,7 +98,7 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
     metadata = prepare_data(config.data, progress=progress and chief)
     if "val" not in metadata.shards:
         raise ValueError("the dataset has no val split: set data.validation_fraction > 0")
-    recipe.set_seed(config.train.seed)
+    recipe.set_seed(config.train.seed, deterministic=not config.train.jit_compile)
     if chief:
         _start_run(config, run_dir)
     batch_size, replicas = config.data.batch_size, strategy.num_replicas_in_sync

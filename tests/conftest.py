@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -45,6 +46,32 @@ def synth_manifest(tmp_path_factory) -> Path:
     from multimodal_tf.data.synthetic import synthesize
 
     return synthesize(tmp_path_factory.mktemp("synth"), num_examples=240, seed=1)
+
+
+@pytest.fixture(scope="session")
+def two_class_manifest(synth_manifest, tmp_path_factory):
+    """Classes 0 and 1 of ``synth_manifest``, class 1 kept in one train row of four (~4:1).
+
+    Imbalanced (for class weights) and two-class (for the binary head).
+    """
+    rows = list(csv.DictReader(open(synth_manifest, encoding="utf-8")))
+    kept, seen = [], 0
+    for row in rows:
+        if row["label"] == "0" or (row["label"] == "1" and row["split"] == "test"):
+            kept.append(row)
+        elif row["label"] == "1":
+            seen += 1
+            if seen % 4 == 0:
+                kept.append(row)
+    out = tmp_path_factory.mktemp("two_class") / "manifest.csv"
+    for row in kept:  # media paths relative to the new manifest's folder
+        for column in ("image", "audio"):
+            row[column] = str(synth_manifest.parent / row[column]) if row[column] else ""
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    return out
 
 
 def one_val_example_manifest(manifest: Path, out: Path) -> tuple[Path, str]:

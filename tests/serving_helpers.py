@@ -241,3 +241,42 @@ def make_broken_version(base_path: str | Path, name: str, version: int) -> Path:
     target.mkdir(parents=True)
     (target / "saved_model.pb").write_bytes(b"this is not a SavedModel")
     return target
+
+
+# === TLS ===
+
+
+def make_certificates(directory: str | Path) -> dict[str, Path]:
+    """A test CA, a server certificate for 127.0.0.1/localhost and a client certificate, by it.
+
+    Uses the ``openssl`` command line (the ``cryptography`` package is not
+    part of this project's environment); returns the PEM files by name:
+    ``ca``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``
+    and ``other_ca`` (an unrelated CA, for a client that trusts the wrong one).
+    Skips the calling test when ``openssl`` is not installed.
+    """
+    import subprocess  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("TLS tests generate certificates with the openssl command, which is not installed")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=out, timeout=60)
+
+    key_args = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    for ca in ("ca", "other_ca"):
+        run("req", "-x509", *key_args, "-keyout", f"{ca}_key.pem", "-out", f"{ca}.pem",
+            "-days", "2", "-subj", f"/CN=mmtf test {ca}")  # fmt: skip
+    (out / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n", encoding="utf-8")
+    (out / "client.ext").write_text("extendedKeyUsage=clientAuth\n", encoding="utf-8")
+    for name in ("server", "client"):
+        run("req", *key_args, "-keyout", f"{name}_key.pem", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca_key.pem",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}_cert.pem")  # fmt: skip
+    names = ("ca", "other_ca", "server_cert", "server_key", "client_cert", "client_key")
+    return {name: out / f"{name}.pem" for name in names}

@@ -19,11 +19,11 @@ PROBE = (
 )
 
 
-def run_cli(*argv, probe=False):
+def run_cli(*argv, probe=False, timeout=300):
     command = (
         [sys.executable, "-c", PROBE, *argv] if probe else [sys.executable, "-m", "multimodal_tf.cli", *argv]
     )
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
 @pytest.mark.parametrize("argv", [(), *((c,) for c in COMMANDS)], ids=["mmtf", *COMMANDS])
@@ -75,3 +75,21 @@ def test_a_missing_demo_config_is_an_error_not_defaults(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "DEMO_CONFIG", tmp_path / "demo.yaml")
     with pytest.raises(FileNotFoundError, match="demo.yaml"):
         demo.demo_config()
+
+
+# The quick start's main job end to end (~1-2 min on 2 cores): with the slow tests, which CI runs.
+@pytest.mark.slow
+def test_mmtf_demo_runs_end_to_end_on_a_small_synthetic_set(tmp_path):
+    out = tmp_path / "demo"
+    # A generous limit: on a loaded 2-core machine the job took over 5 minutes.
+    result = run_cli(
+        "demo", "--out", str(out), "--num-examples", "160", "--set", "train.epochs=2", timeout=1200
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for step in ("1/6 synthetic dataset", "2/6 convert + train", "3/6 evaluate", "4/6 export"):
+        assert f"=== {step} ===" in result.stdout
+    assert "=== 6/6 done in" in result.stdout and "gRPC and REST agree" in result.stdout
+    assert len((out / "data" / "manifest.csv").read_text().splitlines()) == 161
+    assert (out / "run" / "report.md").exists() and (
+        out / "models" / "mmtf_demo" / "1" / "saved_model.pb"
+    ).exists()

@@ -2,16 +2,19 @@
 
 import csv
 import dataclasses
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from multimodal_tf import cli, launch, tuning
 from multimodal_tf import config as config_lib
-from multimodal_tf import launch, tuning
 from multimodal_tf.config import ConfigError
 from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.models import build_model
 from multimodal_tf.registry import FUSIONS
+from multimodal_tf.serving.local import LocalModel
 from multimodal_tf.testing import tiny_config
 
 SPACE = {
@@ -140,3 +143,60 @@ def test_two_tuner_workers_search_and_the_chief_records_every_trial(synth_manife
     epochs_run = [log.count("val_accuracy:") for log in logs]
     assert sum(epochs_run) == 4 and min(epochs_run) >= 1, epochs_run
     assert all("done" in log for log in logs)
+
+
+def assert_search_recorded(project_dir, num_trials):
+    """Every trial completed with its objective (val_accuracy) recorded; the report is sorted."""
+    rows = read_trials(project_dir)
+    assert len(rows) == num_trials and all(r["status"] == "COMPLETED" for r in rows), rows
+    scores = [float(r["score"]) for r in rows]
+    assert all(0.0 <= s <= 1.0 for s in scores) and scores == sorted(scores, reverse=True)
+    assert "(val_accuracy, max)" in (project_dir / "trials.md").read_text()
+    return rows
+
+
+# A 4-trial Bayesian search with --export-best, through the command line (~1 min on 2 cores).
+@pytest.mark.slow
+def test_bayesian_search_exports_the_best_config_as_a_servable_version(synth_manifest, tmp_path, capsys):
+    # One hyperparameter: the first 3 trials are random, the 4th comes from the Gaussian process.
+    space = {"learning_rate": SPACE["learning_rate"]}
+    config = tiny_config(
+        f"data.manifest={synth_manifest}",
+        "model.modalities=[image]",
+        "name=bayes",
+        f"export.base_path={tmp_path / 'models'}",
+    )
+    config_lib.save(dataclasses.replace(config, search_space=space), tmp_path / "tune.yaml")
+    command = ["tune", "--config", str(tmp_path / "tune.yaml"), "--tuner", "bayesian", "--max-trials", "4"]
+    assert cli.main([*command, "--directory", str(tmp_path / "results"), "--export-best"]) == 0
+    project = tmp_path / "results" / "bayes"
+    rows = assert_search_recorded(project, 4)
+    oracle = json.loads((project / "oracle.json").read_text())
+    assert {"alpha", "beta"} <= set(oracle)  # the Gaussian-process oracle's state, not random search's
+    best = config_lib.load([project / "best_config.yaml"])
+    assert best.train.learning_rate == pytest.approx(float(rows[0]["learning_rate"]))
+    assert (project / "best_run" / "metrics.json").exists()
+    version = tmp_path / "models" / "mmtf" / "1"
+    assert f"exported {version}" in capsys.readouterr().out
+    outputs = LocalModel(version).predict(images=[synth_manifest.parent / "images" / "synth_00000.png"])
+    assert outputs["probabilities"].shape == (1, 8)
+    np.testing.assert_allclose(outputs["probabilities"].sum(), 1.0, rtol=1e-5)
+
+
+# Hyperband over 3 epochs: 6 trials, some resumed from a parent (~1 min on 2 cores).
+@pytest.mark.slow
+def test_hyperband_search_and_mmtf_train_of_its_best_config(synth_manifest, tmp_path):
+    config = search_config(
+        synth_manifest, "name=hyperband", "train.epochs=3", "train.early_stopping_patience=0"
+    )
+    config = dataclasses.replace(config, search_space={"learning_rate": SPACE["learning_rate"]})
+    result = tuning.tune(config, "hyperband", directory=tmp_path, progress=False)
+    rows = assert_search_recorded(result.project_dir, result.num_trials)
+    assert result.num_trials >= 3
+    epochs = [int(r["epochs"]) for r in rows]
+    assert result.epochs_trained == sum(epochs) and max(epochs) > min(epochs), epochs  # brackets differ
+    assert result.best_score == pytest.approx(float(rows[0]["score"]))
+    assert cli.main(["train", "--config", str(result.best_config), "--set", "train.epochs=1"]) == 0
+    best = config_lib.load([result.best_config])
+    metrics = json.loads((Path(best.train.output_dir) / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0

@@ -47,6 +47,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--monitoring-config-file", help="MonitoringConfig text proto (Prometheus endpoint)")
     parser.add_argument(
+        "--ssl-config-file", help="SSLConfig text proto: TLS (and mutual TLS) on the gRPC and REST ports"
+    )
+    parser.add_argument(
         "--file-system-poll-wait-seconds", type=float, default=1.0, help="version poll interval (0: once)"
     )
     parser.add_argument(
@@ -77,6 +80,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def serve_command(args) -> int:
     from multimodal_tf.serving import config as config_lib
     from multimodal_tf.serving.server import ModelServer, exit_process
+    from multimodal_tf.serving.tls import load_ssl_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     batching = None
@@ -89,6 +93,7 @@ def serve_command(args) -> int:
         if args.monitoring_config_file
         else None
     )
+    tls = load_ssl_config(args.ssl_config_file) if args.ssl_config_file else None
     models = config_lib.single_model(args.model_name, args.model_base_path) if args.model_base_path else None
     server = ModelServer(
         models,
@@ -106,6 +111,7 @@ def serve_command(args) -> int:
         max_num_load_retries=args.max_num_load_retries,
         load_retry_interval_seconds=args.load_retry_interval_micros / 1e6,
         rest_workers=args.rest_api_num_threads,
+        tls=tls,
     )
     try:
         server.start()
@@ -139,6 +145,11 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output", help="predictions CSV (with --manifest; default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per request")
     parser.add_argument("--timeout-seconds", type=float, default=30.0, help="deadline per request")
+    parser.add_argument(
+        "--ssl-root-certs", help="PEM file of the CA that signs the server's certificate (TLS)"
+    )
+    parser.add_argument("--ssl-client-cert", help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--ssl-client-key", help="PEM private key of --ssl-client-cert")
     add_config_args(parser)  # data.columns and data.text.source for --manifest
     parser.set_defaults(func=predict_command, serves_concurrently=True)
     return parser
@@ -150,9 +161,17 @@ def _predictor(args):
 
         return LocalModel(args.saved_model, max_batch=args.batch_size)
     from multimodal_tf.serving.client import Client
+    from multimodal_tf.serving.tls import channel_credentials
 
+    credentials = None
+    if args.ssl_root_certs or args.ssl_client_cert or args.ssl_client_key:
+        credentials = channel_credentials(args.ssl_root_certs, args.ssl_client_cert, args.ssl_client_key)
     return Client(
-        args.server, args.model_name, timeout_seconds=args.timeout_seconds, max_batch=args.batch_size
+        args.server,
+        args.model_name,
+        timeout_seconds=args.timeout_seconds,
+        max_batch=args.batch_size,
+        credentials=credentials,
     )
 
 

@@ -239,6 +239,8 @@ class Client(Predictor):
         max_batch: inputs per Predict/Classify request; larger inputs are split.
         max_in_flight: requests of one call sent concurrently.
         max_message_bytes: gRPC send/receive limit of this channel.
+        credentials: TLS credentials (see :func:`multimodal_tf.serving.tls.channel_credentials`);
+            None connects in plain text.
     """
 
     def __init__(
@@ -249,6 +251,7 @@ class Client(Predictor):
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int = 2,
         max_message_bytes: int = 64 << 20,
+        credentials: grpc.ChannelCredentials | None = None,
     ):
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be >= 1")
@@ -266,7 +269,10 @@ class Client(Predictor):
             ("grpc.initial_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        self._channel = grpc.insecure_channel(target, options=options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         self._predictions = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._signatures: dict[tuple, dict[str, meta_graph_pb2.SignatureDef]] = {}

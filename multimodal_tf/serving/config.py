@@ -5,10 +5,12 @@
   version_labels } }``), parsed into TF Serving's proto.
 * ``--batching_parameters_file``: a ``BatchingParameters`` text proto.
 * ``--monitoring_config_file``: a ``MonitoringConfig`` text proto.
+* ``--ssl_config_file``: an ``SSLConfig`` text proto (read by
+  :mod:`multimodal_tf.serving.tls`).
 
-tensorflow-serving-api ships no Python module for the last two
-(``session_bundle_config.proto``, ``monitoring_config.proto``), so this
-module declares those two messages with TF Serving's field names and types
+tensorflow-serving-api ships no Python module for the last three
+(``session_bundle_config.proto``, ``monitoring_config.proto``,
+``ssl_config.proto``), so this module declares those messages with TF Serving's field names and types
 and lets ``text_format`` parse them: the files are read exactly as the real
 server reads them, and a misspelt field is an error, not a silent default.
 """
@@ -125,7 +127,7 @@ def single_model(name: str, base_path: str | os.PathLike) -> list[ModelSpec]:
     return [ModelSpec(name, str(base_path))]
 
 
-# === Batching and monitoring (messages declared here) ===
+# === Batching, monitoring and SSL (messages declared here) ===
 
 _INT64, _STRING, _BOOL = (
     ".google.protobuf.Int64Value",
@@ -170,16 +172,21 @@ def _declare_messages() -> dict[str, type]:
         type_name=".tensorflow.serving.PrometheusConfig",
         label=_FDP.LABEL_OPTIONAL,
     )
+    ssl = file.message_type.add(name="SSLConfig")  # ssl_config.proto: PEM contents, not paths
+    for number, name in enumerate(("server_key", "server_cert", "custom_ca"), start=1):
+        ssl.field.add(name=name, number=number, type=_FDP.TYPE_STRING, label=_FDP.LABEL_OPTIONAL)
+    ssl.field.add(name="client_verify", number=4, type=_FDP.TYPE_BOOL, label=_FDP.LABEL_OPTIONAL)
     pool.Add(file)
     return {
         name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
-        for name in ("BatchingParameters", "MonitoringConfig")
+        for name in ("BatchingParameters", "MonitoringConfig", "SSLConfig")
     }
 
 
 _MESSAGES = _declare_messages()
 BatchingParameters = _MESSAGES["BatchingParameters"]
 MonitoringConfig = _MESSAGES["MonitoringConfig"]
+SSLConfig = _MESSAGES["SSLConfig"]
 
 
 @dataclasses.dataclass(frozen=True)

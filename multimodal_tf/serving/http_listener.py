@@ -13,7 +13,10 @@ instead:
 * gives the whole of each request (request line, headers and body, and the
   idle wait for the next request on a keep-alive connection) one deadline:
   a watchdog shuts the socket down when it passes, whatever the sender's
-  pace.
+  pace;
+* with an SSL context, runs each TLS handshake in the worker (under the
+  same deadline), never in the accepting thread, so a slow or plain-text
+  client cannot stall ``accept``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import queue
 import socket
 import socketserver
+import ssl
 import threading
 import time
 
@@ -106,15 +110,23 @@ class PooledHTTPServer(socketserver.TCPServer):
         num_workers: threads serving connections.
         max_queued: accepted connections that may wait for a worker.
         request_deadline_seconds: the most one request may take to arrive.
+        ssl_context: server-side context to serve TLS with (None: plain text).
     """
 
     allow_reuse_address = True
     request_queue_size = BACKLOG
 
     def __init__(
-        self, address, handler_class, num_workers: int, max_queued: int, request_deadline_seconds: float
+        self,
+        address,
+        handler_class,
+        num_workers: int,
+        max_queued: int,
+        request_deadline_seconds: float,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self.request_deadline_seconds = request_deadline_seconds
+        self.ssl_context = ssl_context
         self.watchdog = Watchdog()
         self._queue: queue.Queue = queue.Queue(max_queued)
         self._closing = threading.Event()
@@ -144,14 +156,33 @@ class PooledHTTPServer(socketserver.TCPServer):
             except queue.Empty:
                 continue
             try:
+                request = self._secure(request)
                 self.finish_request(request, client_address)
-            except OSError as e:  # the client went away, or the watchdog cut it off
+            # The client went away, the watchdog cut it off, or (ssl.SSLError)
+            # its TLS handshake failed: plain text, or no client certificate.
+            except OSError as e:
                 logger.info("REST: connection from %s ended: %s", client_address[0], e)
             except Exception:  # noqa: BLE001 - one connection's failure must not end the worker
                 logger.warning("REST: connection from %s failed", client_address[0], exc_info=True)
             finally:
                 self.watchdog.disarm(request)
                 self.shutdown_request(request)
+
+    def _secure(self, request: socket.socket) -> socket.socket:
+        """The connection after its TLS handshake (unchanged without an SSL context)."""
+        if self.ssl_context is None:
+            return request
+        tls = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        tls.settimeout(self.request_deadline_seconds)
+        self.watchdog.arm(tls, self.request_deadline_seconds)
+        try:
+            tls.do_handshake()
+        except BaseException:
+            self.watchdog.disarm(tls)
+            tls.close()
+            raise
+        self.watchdog.disarm(tls)
+        return tls
 
     def server_close(self) -> None:
         self._closing.set()

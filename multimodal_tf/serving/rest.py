@@ -217,6 +217,7 @@ class RestServer:
             until its next request's deadline).
         max_queued: connections that may wait for a worker before new ones get 503.
         request_deadline_seconds: the most one request may take to arrive.
+        ssl_context: serve HTTPS with this server-side context (None: plain HTTP).
     """
 
     def __init__(
@@ -230,12 +231,15 @@ class RestServer:
         num_workers: int = 32,
         max_queued: int = 256,
         request_deadline_seconds: float = REQUEST_DEADLINE_SECONDS,
+        ssl_context=None,
     ):
         self.service = service
         self.metrics = metrics
         self.metrics_path = metrics_path
         self.max_body_bytes = max_body_bytes
-        self._httpd = _HTTPServer((host, port), _Handler, num_workers, max_queued, request_deadline_seconds)
+        self._httpd = _HTTPServer(
+            (host, port), _Handler, num_workers, max_queued, request_deadline_seconds, ssl_context
+        )
         self._httpd.owner = self
         self.port = self._httpd.server_address[1]
         self._thread: threading.Thread | None = None

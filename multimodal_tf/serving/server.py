@@ -39,6 +39,7 @@ from multimodal_tf.serving.manager import ModelManager
 from multimodal_tf.serving.metrics import Metrics
 from multimodal_tf.serving.rest import RestServer
 from multimodal_tf.serving.service import DEFAULT_MAX_ROWS, InferenceService
+from multimodal_tf.serving.tls import TLSOptions
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,8 @@ class ModelServer:
         max_num_load_retries: retries of a failed version load (TF Serving's default 5).
         load_retry_interval_seconds: wait between load retries (TF Serving's default 60 s).
         rest_workers: threads serving REST connections.
+        tls: TLS for both ports (TF Serving's ``--ssl_config_file``, see
+            :mod:`~multimodal_tf.serving.tls`); None serves plain text.
     """
 
     # Over 60 lines: one keyword argument per TF Serving flag, and its docstring.
@@ -211,6 +214,7 @@ class ModelServer:
         max_num_load_retries: int = 5,
         load_retry_interval_seconds: float = 60.0,
         rest_workers: int = 32,
+        tls: TLSOptions | None = None,
     ):
         if (models is None) == (model_config_file is None):
             raise config_lib.ServingConfigError("give exactly one of models or model_config_file")
@@ -234,6 +238,7 @@ class ModelServer:
         self.metrics_path = metrics_path
         self.metrics = Metrics()
         self.rest_workers = rest_workers
+        self.tls = tls
         self.manager = ModelManager(
             specs,
             file_system_poll_wait_seconds,
@@ -275,6 +280,7 @@ class ModelServer:
                     self.metrics_path,
                     self.grpc_max_message_bytes,
                     num_workers=self.rest_workers,
+                    ssl_context=self.tls.ssl_context() if self.tls else None,
                 )
                 self._rest.start()
         except BaseException:
@@ -301,7 +307,10 @@ class ModelServer:
         add_servicer(self._grpc, ModelServicer(self.service), MODEL_SERVICE)
         address = f"{self.host}:{self._requested_ports[0]}"
         try:
-            self.port = self._grpc.add_insecure_port(address)
+            if self.tls is not None:
+                self.port = self._grpc.add_secure_port(address, self.tls.grpc_credentials())
+            else:
+                self.port = self._grpc.add_insecure_port(address)
         except RuntimeError as e:  # newer grpcio raises instead of returning 0
             raise OSError(f"cannot bind gRPC to {address}: {e}") from None
         if not self.port:
@@ -373,4 +382,6 @@ class ModelServer:
 
     @property
     def rest_url(self) -> str | None:
-        return f"http://{self.host}:{self.rest_api_port}" if self._rest is not None else None
+        if self._rest is None:
+            return None
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.rest_api_port}"

@@ -37,7 +37,7 @@ class MultimodalHyperModel(kt.HyperModel):
 
     def build(self, hp):
         config = self.trial_config(hp)
-        recipe.set_seed(config.train.seed)
+        recipe.set_seed(config.train.seed, deterministic=not config.train.jit_compile)
         return recipe.compile_model(config, self.metadata)
 
     def fit(self, hp, model, *args, **kwargs):
