@@ -89,16 +89,7 @@ class AttentionFusion(FusionLayer):
         self.dropout = keras.layers.Dropout(dropout_rate, name="dropout")
 
     def build(self, input_shape):
-        self.cls_token = self.add_weight(
-            name="cls_token",
-            shape=(1, 1, self.hidden_dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-        )
-        self.modality_embedding = self.add_weight(
-            name="modality_embedding",
-            shape=(len(self.modalities), self.hidden_dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-        )
+        self.cls_token, self.modality_embedding = self.add_token_weights(self.hidden_dim)
         # A MultiHeadAttention built lazily on first call is left at its
         # initial weights when a Keras SavedModel is revived: build it here.
         sequence_shape = tf.TensorShape([None, len(self.modalities) + 1, self.hidden_dim])

@@ -64,6 +64,19 @@ class FusionLayer(keras.layers.Layer):
         dtype = dtype or self.compute_dtype
         return tf.stack([tf.cast(presence[m], dtype) for m in self.modalities], axis=1)
 
+    def add_token_weights(self, width: int):
+        """The readout token [1, 1, width] and one type embedding per modality [M, width].
+
+        Shared by the attention fusions (BERT-style init, stddev 0.02); the
+        names are part of their checkpoints.
+        """
+        init = keras.initializers.TruncatedNormal(stddev=0.02)
+        cls_token = self.add_weight(name="cls_token", shape=(1, 1, width), initializer=init)
+        modality_embedding = self.add_weight(
+            name="modality_embedding", shape=(len(self.modalities), width), initializer=init
+        )
+        return cls_token, modality_embedding
+
     def get_config(self) -> dict:
         config = super().get_config()
         config.update({"modalities": list(self.modalities)})

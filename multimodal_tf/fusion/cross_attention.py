@@ -212,16 +212,7 @@ class CrossAttentionFusion(FusionLayer):
         self.final_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")
 
     def build(self, input_shape):
-        self.cls_token = self.add_weight(
-            name="cls_token",
-            shape=(1, 1, self.hidden_dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-        )
-        self.modality_embedding = self.add_weight(
-            name="modality_embedding",
-            shape=(len(self.modalities), self.hidden_dim),
-            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-        )
+        self.cls_token, self.modality_embedding = self.add_token_weights(self.hidden_dim)
         for m in self.modalities:
             build_sublayer(self.projections[m], [None, None, _feature_dim(input_shape[m])])
         tokens = [None, None, self.hidden_dim]
