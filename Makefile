@@ -20,7 +20,8 @@ PYTEST_ARGS ?=
 COMPAT_TESTS ?= tests/test_audio_io.py tests/test_data_layer.py tests/test_preprocessing.py \
 	tests/test_input_limits.py tests/test_models.py tests/test_encoders.py tests/test_fusion.py \
 	tests/test_export.py tests/test_serving_target.py tests/test_tf1_session.py tests/test_compat.py \
-	tests/test_serving_grpc.py tests/test_serving_rest.py tests/test_serving_concurrency.py
+	tests/test_serving_grpc.py tests/test_serving_rest.py tests/test_serving_concurrency.py \
+	tests/test_bert.py tests/test_audio_saved_model.py
 
 .PHONY: venv venv-compat demo test test-slow test-all test-compat lint format results bench clean
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ FORMATS = (
 )
 LOSSLESS = ("PCM_16", "PCM_24", "FLOAT")
 AUDIO = AudioConfig()
+REPO = Path(__file__).resolve().parents[1]
 needs_tfio = pytest.mark.skipif(
     not audio_io.tfio_available(),
     reason="tensorflow-io ops do not load here (the compatibility lock has them)",
@@ -95,16 +99,16 @@ def test_a_manifest_mixing_formats_and_rates_converts_with_soundfile(clips, tmp_
             assert np.abs(got - want)[loud].mean() < 0.35, (rate, subtype)
 
 
-@needs_tfio
-@pytest.mark.parametrize("rate", RATES)
-def test_soundfile_and_tensorflow_io_backends_give_the_same_log_mel(clips, rate):
-    # tensorflow-io's resampler does not compensate its filter's delay: its
-    # output lags soxr's by a fixed number of output samples (32 at 16 kHz
-    # when downsampling, 64 when upsampling from 8 kHz; docs/benchmarks.md).
-    # Aligned by that lag, the two backends' log-mel features agree within
-    # 0.005 nats (0.02 dB) mean over the bins both can carry (measured 0.0002-0.0006); unaligned, the
-    # 2 ms shift alone costs ~0.1 nats, which the test would also accept
-    # silently, so it aligns first.
+def _aligned_log_mel_difference(a: np.ndarray, b: np.ndarray, rate: int) -> tuple[int, float]:
+    """(lag, mean |log-mel(b) - log-mel(a shifted by lag)|) over the mel bins a
+    clip at ``rate`` can carry, away from the edges.
+
+    tensorflow-io's resampler does not compensate its filter's delay: its
+    output lags soxr's by a fixed number of output samples (32 at 16 kHz
+    when downsampling, 64 when upsampling from 8 kHz; docs/benchmarks.md).
+    Unaligned, that 2 ms shift alone costs ~0.1 nats, which would hide a real
+    difference, so the clips are aligned first.
+    """
     nyquist_bins = log_mel_spectrogram(tf.zeros([1, 16000]), AUDIO).shape[-1]
     top_hz = min(rate / 2, 8000) * 0.9
     mel_edges = np.linspace(
@@ -112,21 +116,75 @@ def test_soundfile_and_tensorflow_io_backends_give_the_same_log_mel(clips, rate)
         2595 * np.log10(1 + AUDIO.upper_edge_hertz / 700),
         nyquist_bins + 2,
     )
-    centers_hz = 700 * (10 ** (mel_edges[2:] / 2595) - 1)
-    usable = centers_hz < top_hz
+    usable = 700 * (10 ** (mel_edges[2:] / 2595) - 1) < top_hz
+    middle = slice(4000, 12000)
+    lag = max(range(-100, 101), key=lambda k: float(np.dot(np.roll(a, k)[middle], b[middle])))
+    aligned = np.roll(a, lag)
+    aligned[: max(lag, 0)] = 0
+    got = log_mel_spectrogram(tf.constant(b[None, :16000]), AUDIO).numpy()[0]
+    want = log_mel_spectrogram(tf.constant(aligned[None, :16000]), AUDIO).numpy()[0]
+    frames = slice(5, -5)  # the edges see the shift's zero fill
+    return lag, float(np.abs(got - want)[frames][:, usable].mean())
+
+
+@needs_tfio
+@pytest.mark.parametrize("rate", RATES)
+def test_soundfile_and_tensorflow_io_backends_give_the_same_log_mel(clips, rate):
+    # Aligned by tfio's lag, the two backends' log-mel features agree within
+    # 0.005 nats (0.02 dB) mean over the bins both can carry (measured
+    # 0.0002-0.0006).
     for subtype, ext in [(s, e) for _, s, e in FORMATS]:
         path = clips[rate, subtype, ext]
         a = audio_io.parse_wav(audio_io.to_wav16(path, 16000, "soundfile"))[0][:, 0]
         b = audio_io.parse_wav(audio_io.to_wav16(path, 16000, "tfio"))[0][:, 0]
-        middle = slice(4000, 12000)
-        lags = range(-100, 101)
-        lag = max(lags, key=lambda k: float(np.dot(np.roll(a, k)[middle], b[middle])))
-        aligned = np.roll(a, lag)
-        aligned[: max(lag, 0)] = 0
-        got = log_mel_spectrogram(tf.constant(b[None, :16000]), AUDIO).numpy()[0]
-        want = log_mel_spectrogram(tf.constant(aligned[None, :16000]), AUDIO).numpy()[0]
-        frames = slice(5, -5)  # the edges see the shift's zero fill
-        diff = np.abs(got - want)[frames][:, usable].mean()
+        lag, diff = _aligned_log_mel_difference(a, b, rate)
+        assert 0 <= lag <= 80, (rate, subtype, lag)
+        assert diff < 0.005, (rate, subtype, lag, diff)
+
+
+# What the compatibility stack's interpreter runs: convert each clip with its
+# default reader (tensorflow-io, where its ops load) and save the 16 kHz clips.
+_COMPAT_CONVERT = """
+import json, sys
+import numpy as np
+from multimodal_tf.compat import tf
+from multimodal_tf.data import audio_io
+paths = json.loads(sys.argv[1])
+clips = {str(i): audio_io.parse_wav(audio_io.to_wav16(p, 16000, "auto"))[0][:, 0] for i, p in enumerate(paths)}
+np.savez(sys.argv[2], **clips)
+print(json.dumps({"tf": tf.__version__, "backend": audio_io.resolve_backend("auto")}))
+"""
+
+
+def test_log_mel_matches_the_same_clips_converted_on_the_compatibility_stack(clips, tmp_path):
+    """The default stack (TF 2.21, soundfile + soxr) against the compatibility
+    lock (TF 2.17.1, tensorflow-io's reader and resampler) on every format and
+    rate: the features the model sees agree within 0.005 nats (0.02 dB) mean,
+    the same bound as the two backends in one process. ``.ci/run`` builds the
+    compatibility venv (``make test-compat``) before this run."""
+    if tf.__version__.startswith("2.17"):
+        pytest.skip("this is the compatibility stack; the test runs on the default one against it")
+    python = Path(os.environ.get("MMTF_COMPAT_PYTHON", REPO / ".venv-tf2.17" / "bin" / "python"))
+    if not python.exists():
+        pytest.skip(f"no compatibility-stack interpreter at {python} (make venv-compat builds it)")
+    paths = [str(p) for p in clips.values()]
+    out = tmp_path / "compat.npz"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [str(python), "-c", _COMPAT_CONVERT, json.dumps(paths), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    stack = json.loads(done.stdout.strip().splitlines()[-1])
+    assert stack["tf"].startswith("2.17") and stack["backend"] == "tfio", stack
+    converted = np.load(out)
+    for i, (rate, subtype, _ext) in enumerate(clips):
+        here = audio_io.parse_wav(audio_io.to_wav16(paths[i], 16000, "soundfile"))[0][:, 0]
+        lag, diff = _aligned_log_mel_difference(here, converted[str(i)], rate)
         assert 0 <= lag <= 80, (rate, subtype, lag)
         assert diff < 0.005, (rate, subtype, lag, diff)
 

@@ -14,7 +14,7 @@ import pytest
 from multimodal_tf import export, models
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import ConfigError
-from multimodal_tf.data import features
+from multimodal_tf.data import audio_io, features
 from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.encoders import AudioSavedModelConfig, AudioSavedModelEncoder, build_encoder
 from multimodal_tf.testing import random_features, run_layer_test, tiny_config
@@ -73,6 +73,17 @@ class ResamplingYAMNet(YAMNetLike):
 
         waveform = tfio.audio.resample(waveform[:, None], rate_in=SAMPLE_RATE, rate_out=SAMPLE_RATE)[:, 0]
         return {"embeddings": self.embed(waveform)}
+
+
+class BinarizingYAMNet(YAMNetLike):
+    """Runs a tf-text op that TF Serving 2.17's bundled tensorflow-text 2.12.1 lacks."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+    def __call__(self, waveform):
+        import tensorflow_text as tf_text
+
+        bits = tf_text.utf8_binarize(tf.constant(["a"]))  # TFText>Utf8Binarize: tf-text >= 2.13
+        return {"embeddings": self.embed(waveform) + 0.0 * tf.reduce_sum(bits)}
 
 
 def save(module: tf.Module, path) -> str:
@@ -438,7 +449,20 @@ class EncoderModule(tf.Module):
         return {"embedding": self.encoder(waveforms)}
 
 
-@pytest.mark.parametrize("module_class", [YAMNetLike, ResamplingYAMNet])
+@pytest.mark.parametrize(
+    "module_class",
+    [
+        YAMNetLike,
+        BinarizingYAMNet,
+        pytest.param(
+            ResamplingYAMNet,
+            marks=pytest.mark.skipif(
+                not audio_io.tfio_available(),
+                reason="tensorflow-io ops do not load here (the compatibility lock has them)",
+            ),
+        ),
+    ],
+)
 def test_the_op_check_covers_the_wrapped_graph(tmp_path, module_class):
     """Re-saving copies the wrapped functions into the export's library, where check_ops reads them."""
     encoder = AudioSavedModelEncoder(save(module_class(), tmp_path / "wrapped"))
@@ -448,5 +472,9 @@ def test_the_op_check_covers_the_wrapped_graph(tmp_path, module_class):
     if module_class is ResamplingYAMNet:
         with pytest.raises(export.ExportError, match="IO>AudioResample"):
             export.check_ops(tmp_path / "export")
+    elif module_class is BinarizingYAMNet:
+        export.check_ops(tmp_path / "export", target="2.21")
+        with pytest.raises(export.ExportError, match="TFText>Utf8Binarize"):
+            export.check_ops(tmp_path / "export", target="2.17")
     else:
         export.check_ops(tmp_path / "export")

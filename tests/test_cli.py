@@ -49,6 +49,20 @@ def test_the_noise_filter_keeps_other_lines():
     assert not IMPORT_NOISE.search("E tensorflow/core/framework/op_kernel.cc] OOM when allocating tensor")
 
 
+def test_absl_lines_logged_before_initialization_follow_tf_cpp_min_log_level(monkeypatch):
+    # TF >= 2.20 prints absl-format lines before absl::InitializeLog() whatever
+    # TF_CPP_MIN_LOG_LEVEL says; the quiet import applies the level itself.
+    from multimodal_tf.cli.common import import_noise
+
+    info = "I0000 00:00:1796121671.485703    2265 port.cc:153] some information"
+    warning = "W0000 00:00:1796121671.485703    2265 loader.cc:12] a warning"
+    error = "E0000 00:00:1796121671.485703    2265 kernel.cc:9] OOM when allocating tensor"
+    for level, dropped in [("0", ()), ("1", (info,)), ("2", (info, warning)), ("3", (info, warning, error))]:
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+        assert {line for line in (info, warning, error) if import_noise(line)} == set(dropped), level
+    assert not import_noise("mmtf train: error: no such file")
+
+
 def test_tune_choices_are_the_tuning_modules_tuners():
     from multimodal_tf import tuning
 

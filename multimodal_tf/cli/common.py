@@ -22,7 +22,30 @@ IMPORT_NOISE = re.compile(
     r"|rebuild TensorFlow with the appropriate compiler flags"
     r"|TF-TRT Warning: Could not find TensorRT"
     r"|All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|Could not find cuda drivers on your machine, GPU will not be used"
 )
+# TF >= 2.20 logs through absl, which writes every line logged before
+# absl::InitializeLog() to stderr whatever TF_CPP_MIN_LOG_LEVEL says; the
+# import therefore applies the level itself to lines in absl's format
+# ("I0000 00:00:... file.cc:31] ..."): INFO from level 1, WARNING from level 2.
+_ABSL_SEVERITY = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:")
+_LEVELS = {"I": 0, "W": 1, "E": 2, "F": 3}
+
+
+def import_noise(line: str) -> bool:
+    """Whether a line TF printed while being imported is noise to drop.
+
+    The known harmless start-up lines always are; other absl-format lines
+    are when their severity is below ``TF_CPP_MIN_LOG_LEVEL``.
+    """
+    if IMPORT_NOISE.search(line):
+        return True
+    severity = _ABSL_SEVERITY.match(line)
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    return bool(severity) and _LEVELS[severity.group(1)] < min(level, 3)
 
 
 def quiet_tensorflow_logs() -> None:
@@ -51,7 +74,7 @@ def import_tensorflow() -> None:
             os.close(saved)
             captured.seek(0)
             lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not IMPORT_NOISE.search(line)))
+            sys.stderr.write("".join(line for line in lines if not import_noise(line)))
             sys.stderr.flush()
 
 
