@@ -85,7 +85,7 @@ def char_wb_ngrams(words: tf.RaggedTensor, low: int, high: int) -> tf.RaggedTens
     width = tf.shape(grid, out_type=tf.int64)[1]
     per_length = []
     for n in range(low, high + 1):
-        first_fit = tf.equal(n, tf.maximum(lengths, low))
+        first_fit = tf.equal(tf.maximum(lengths, low), n)
         count = tf.where(lengths > n, lengths - n + 1, tf.cast(first_fit, tf.int64))
         grams = tf.strings.join([grid[:, k : width - n + 1 + k] for k in range(n)])  # [N, width - n + 1]
         per_length.append(tf.RaggedTensor.from_tensor(grams, lengths=count))
