@@ -18,7 +18,7 @@ from multimodal_tf.compat import keras, tf
 from multimodal_tf.data import features
 from multimodal_tf.data.pipeline import make_dataset
 from multimodal_tf.models import OUTPUT_NAME, UNCALIBRATED_NAME, EnsembleModel
-from multimodal_tf.run_dir import load_trained_model
+from multimodal_tf.run_dir import CALIBRATION_FILE, load_trained_model
 
 
 def predict_split(model, config, metadata, split: str, drop: tuple[str, ...] = ()):
@@ -187,6 +187,8 @@ def evaluate(
         k: f"eval_{split}/{v}"
         for k, v in _plots(probabilities, labels, metadata.label_names, out_dir).items()
     }
+    if (run_dir / CALIBRATION_FILE).exists():  # train.calibration: temperature
+        report["calibration"] = json.loads((run_dir / CALIBRATION_FILE).read_text())
     if ablation:
         report["ablation"] = modality_ablation(model, config, metadata, split)
     if isinstance(model, EnsembleModel):
@@ -221,6 +223,15 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
         f"| ROC-AUC (one-vs-rest) | {auc} |",
         f"| log loss | {m['log_loss']:.4f} |",
         f"| ECE ({NUM_BINS} bins, top label) | {m['ece']:.4f} |",
+    ]
+    if report.get("calibration"):
+        c = report["calibration"]
+        lines += [
+            "",
+            f"Temperature scaling: T = {c['temperature']:.4f}, fitted on {c['split']} "
+            f"(ECE there {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}).",
+        ]
+    lines += [
         "",
         "## Per class",
         "",

@@ -112,3 +112,34 @@ def test_temperature_layer_sigmoid_scales_the_logit():
     layer.temperature.assign(2.0)
     out = layer(tf.constant(special.expit(logits))).numpy()
     np.testing.assert_allclose(out, special.expit(logits / 2.0), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.head.type=binary",),  # sigmoid: the logit is scaled
+        ("model.ensemble_size=2",),  # one temperature on the average's log-probabilities
+    ],
+)
+def test_calibrated_model_scales_its_uncalibrated_output(overrides):
+    from multimodal_tf import models
+    from multimodal_tf.testing import random_features, tiny_config
+
+    config = tiny_config(
+        "model.modalities=[text]",
+        "model.text_encoder.name=text/bow",
+        "train.calibration=temperature",
+        *overrides,
+    )
+    num_classes = 2 if config.model.head.type == "binary" else 3
+    model = models.build_model(config, num_classes, vocab_size=50)
+    x = random_features(config, batch_size=5)
+    layer = model.get_layer(models.OUTPUT_NAME)
+    uncalibrated = model(x, training=False).numpy().astype(np.float64)  # T = 1
+    layer.temperature.assign(3.0)
+    calibrated = model(x, training=False).numpy()
+    if config.model.head.type == "binary":
+        expected = special.expit(special.logit(uncalibrated) / 3.0)
+    else:
+        expected = special.softmax(np.log(uncalibrated) / 3.0, axis=1)
+    np.testing.assert_allclose(calibrated, expected, atol=1e-5)

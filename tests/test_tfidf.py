@@ -174,3 +174,16 @@ def test_export_serves_the_trained_tfidf_model_with_its_temperature(tfidf_export
     np.testing.assert_allclose(
         served["probabilities"].numpy(), scaled / scaled.sum(-1, keepdims=True), atol=1e-5
     )
+
+
+@pytest.mark.slow  # shares the fixture above
+def test_report_has_ece_reliability_diagram_and_temperature(tfidf_export):
+    from multimodal_tf.evaluation import evaluate
+
+    run, _ = tfidf_export
+    report = evaluate(run, ablation=False)
+    assert 0.0 <= report["metrics"]["ece"] <= 1.0
+    assert (run / report["plots"]["reliability_diagram"]).stat().st_size > 1000
+    assert report["calibration"]["temperature"] > 0
+    markdown = (run / "report.md").read_text()
+    assert "ECE (15 bins, top label)" in markdown and "Temperature scaling: T =" in markdown
