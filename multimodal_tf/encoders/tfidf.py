@@ -272,8 +272,8 @@ class TextTFIDFEncoder(keras.layers.Layer):
         config = super().get_config()
         config.update(
             {
-                "word_ngram_range": list(self.word_ngram_range),
-                "char_ngram_range": list(self.char_ngram_range),
+                "word_ngram_range": self.word_ngram_range,
+                "char_ngram_range": self.char_ngram_range,
                 "max_features": self.max_features,
                 "min_df": self.min_df,
                 "sublinear_tf": self.sublinear_tf,
