@@ -187,3 +187,26 @@ def test_report_has_ece_reliability_diagram_and_temperature(tfidf_export):
     assert report["calibration"]["temperature"] > 0
     markdown = (run / "report.md").read_text()
     assert "ECE (15 bins, top label)" in markdown and "Temperature scaling: T =" in markdown
+
+
+def test_tfidf_model_builds_and_fits_in_a_fused_model():
+    """build_model gives text/tfidf the raw string input; one fit step; missing text adds nothing."""
+    from multimodal_tf import models
+    from multimodal_tf.testing import fit_one_step, random_features
+
+    config = tiny_config(
+        "model.modalities=[text, audio]",
+        "model.text_encoder.name=text/tfidf",
+        "model.text_encoder.max_features=64",
+        "model.audio_encoder.name=audio/stats",
+    )
+    model = models.build_model(config, 3, vocab_size=50)
+    encoder = model.get_layer("text_encoder")
+    encoder.adapt(["red circle", "blue square", "big red square"])
+    assert np.isfinite(fit_one_step(model, config, 3, run_eagerly=True))
+    x = random_features(config, batch_size=4)
+    x["text"][:] = ""
+    x["text_present"][:] = 0.0
+    without = model(x, training=False).numpy()
+    np.testing.assert_array_equal(encoder(tf.constant(x["text"])).numpy(), 0.0)
+    assert np.isfinite(without).all()
