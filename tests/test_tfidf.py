@@ -3,6 +3,9 @@
 import csv
 import json
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +213,32 @@ def test_tfidf_model_builds_and_fits_in_a_fused_model():
     without = model(x, training=False).numpy()
     np.testing.assert_array_equal(encoder(tf.constant(x["text"])).numpy(), 0.0)
     assert np.isfinite(without).all()
+
+
+# TF Serving's way of running a SavedModel (FACTS.md): a TF1 session in a fresh process.
+SESSION_RUN = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    export_dir, out_path, *texts = sys.argv[1:]
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        signature = tf.compat.v1.saved_model.loader.load(session, ["serve"], export_dir).signature_def[
+            "serving_default"
+        ]
+        feeds = {signature.inputs["text"].name: texts, signature.inputs["image"].name: [b""] * len(texts)}
+        np.save(out_path, session.run(signature.outputs["probabilities"].name, feed_dict=feeds))
+    """
+)
+
+
+@pytest.mark.slow  # shares the fixture above; a fresh Python process
+def test_fresh_process_tf1_session_equals_the_trained_model(tfidf_export, tmp_path):
+    run, path = tfidf_export
+    config, metadata, model = load_trained_model(run)
+    texts = ["a red circle", "ünïcode Straße", "", "blue blue blue"]
+    out = tmp_path / "served.npy"
+    subprocess.run([sys.executable, "-c", SESSION_RUN, str(path), str(out), *texts], check=True, timeout=300)
+    raw = {"text": tf.constant(texts), "image": tf.constant([""] * len(texts))}
+    expected = model(Preprocessor(config.data, metadata.vocabulary, config.model)(raw), training=False)
+    np.testing.assert_allclose(np.load(out), expected.numpy(), atol=1e-5)
