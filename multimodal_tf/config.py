@@ -262,6 +262,10 @@ class TrainConfig(Checked):
     backup_dir: str = ""  # BackupAndRestore dir; empty: <output_dir>/backup
     scale_learning_rate: bool = False  # multiply LR by the number of replicas
     verbose: int = 1
+    # "temperature": after training, one temperature fitted on the val split
+    # (min NLL) scales the logits of the best weights; evaluation and every
+    # export then return calibrated probabilities (calibration.py).
+    calibration: str = option("none", choices=("none", "temperature"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from multimodal_tf import config as config_lib
 from multimodal_tf import distribute, recipe
 from multimodal_tf import run_dir as run_files
+from multimodal_tf.calibration import calibrate_model
 from multimodal_tf.callbacks import Throughput
 from multimodal_tf.compat import keras
 from multimodal_tf.config import ExperimentConfig
@@ -135,7 +136,20 @@ def _finish_run(config, model, metadata, history, run_dir: Path) -> None:
     model.save_weights(str(run_dir / run_files.LAST_WEIGHTS))
     if not (run_dir / run_files.BEST_WEIGHTS).exists():
         model.save_weights(str(run_dir / run_files.BEST_WEIGHTS))
-    _write_final_metrics(config, model, metadata, run_dir)
+    calibration = None
+    if config.train.calibration == "temperature":
+        # The temperature belongs to the weights that are evaluated and
+        # exported: the best ones, which are then written back with it.
+        model.load_weights(str(run_dir / run_files.BEST_WEIGHTS))
+        calibration = calibrate_model(model, config, metadata)
+        model.save_weights(str(run_dir / run_files.BEST_WEIGHTS))
+        (run_dir / run_files.CALIBRATION_FILE).write_text(json.dumps(calibration, indent=1))
+        if config.train.verbose:
+            print(
+                f"temperature {calibration['temperature']:.4f} (val ECE {calibration['before']['ece']:.4f}"
+                f" -> {calibration['after']['ece']:.4f})"
+            )
+    _write_final_metrics(config, model, metadata, run_dir, calibration)
 
 
 def _local_copy(model, config: ExperimentConfig, metadata):
@@ -158,8 +172,8 @@ def _local_copy(model, config: ExperimentConfig, metadata):
     return local
 
 
-def _write_final_metrics(config, model, metadata, run_dir: Path) -> None:
-    """Loss/accuracy of the restored (best) weights on val and test."""
+def _write_final_metrics(config, model, metadata, run_dir: Path, calibration: dict | None = None) -> None:
+    """Loss/accuracy of the restored (best) weights on val and test (and the calibration)."""
     num_classes = recipe.num_classes_of(config, metadata)
     results = {}
     for split in ("val", "test"):
@@ -169,6 +183,8 @@ def _write_final_metrics(config, model, metadata, run_dir: Path) -> None:
             )
             values = model.evaluate(ds, verbose=0, return_dict=True)
             results[split] = {k: float(v) for k, v in values.items()}
+    if calibration:
+        results["calibration"] = calibration
     (run_dir / run_files.METRICS_FILE).write_text(json.dumps(results, indent=1))
     if config.train.verbose:
         for split, values in results.items():

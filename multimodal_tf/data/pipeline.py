@@ -12,6 +12,7 @@ from multimodal_tf.data import features
 from multimodal_tf.data.cache import default_tfrecord_dir
 from multimodal_tf.data.metadata import DatasetMetadata
 from multimodal_tf.data.preprocessing import Preprocessor
+from multimodal_tf.data.text import clean_texts
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Records are parsed and preprocessed in blocks: the STFT and the tokenizer
@@ -114,3 +115,22 @@ def make_dataset(
     if not with_ids:
         dataset = dataset.map(lambda x, y, _: (x, y))
     return dataset.prefetch(AUTOTUNE)
+
+
+def split_texts(config: ExperimentConfig, split: str, metadata: DatasetMetadata | None = None) -> list[bytes]:
+    """Every text of ``split`` (empty: absent) as the model's ``text_strings`` input sees it.
+
+    Reads only the text feature (no image or audio is decoded), cut and
+    checked as :class:`Preprocessor` does.
+    """
+    directory = Path(default_tfrecord_dir(config.data))
+    metadata = metadata or DatasetMetadata.load(directory)
+    if split not in metadata.shards:
+        raise ValueError(f"split {split!r} not in {directory}; have {sorted(metadata.shards)}")
+    spec = {features.TEXT: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    dataset = (
+        tf.data.TFRecordDataset([str(directory / f) for f in metadata.shards[split]])
+        .batch(PREPROCESS_BLOCK)
+        .map(lambda s: clean_texts(tf.io.parse_example(s, spec)[features.TEXT], config.data.text))
+    )
+    return [text for batch in dataset for text in batch.numpy().tolist()]

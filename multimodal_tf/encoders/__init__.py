@@ -1,7 +1,7 @@
 """Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
 
 Importing this package registers ``image/cnn``, ``image/keras_application``,
-``image/keras_model`` (backbones.py), ``text/lstm``, ``text/bow``, ``text/bert``,
+``image/keras_model`` (backbones.py), ``text/lstm``, ``text/bow``, ``text/bert``, ``text/tfidf``,
 ``audio/cnn``, ``audio/lstm``, ``audio/stats`` and ``audio/saved_model``, each with its config class
 (``ImageCNNConfig``, ...: the layer's constructor arguments, which are the
 only fields ``model.<modality>_encoder`` accepts for that family). Each
@@ -41,6 +41,7 @@ from multimodal_tf.encoders.text import (
     TextLSTMConfig,
     TextLSTMEncoder,
 )
+from multimodal_tf.encoders.tfidf import TextTFIDFConfig, TextTFIDFEncoder
 from multimodal_tf.registry import ENCODERS
 
 __all__ = [
@@ -64,6 +65,8 @@ __all__ = [
     "TextBagOfEmbeddingsEncoder",
     "TextLSTMConfig",
     "TextLSTMEncoder",
+    "TextTFIDFConfig",
+    "TextTFIDFEncoder",
     "build_encoder",
     "load_encoder_checkpoint",
     "save_encoder_checkpoint",
