@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +19,15 @@ from multimodal_tf.data import features
 from multimodal_tf.data.audio import preprocess_waveforms
 from multimodal_tf.data.cache import default_tfrecord_dir
 from multimodal_tf.data.preprocessing import Preprocessor
+from multimodal_tf.evaluation import predict_split
 from multimodal_tf.robustness import (
     DegradingPreprocessor,
+    curves,
     effective_robustness,
     relative_robustness,
     select,
 )
-from multimodal_tf.run_dir import load_run
+from multimodal_tf.run_dir import load_run, load_trained_model
 from multimodal_tf.testing import tiny_config
 from multimodal_tf.training import train
 
@@ -209,8 +213,34 @@ def test_unknown_or_unused_degradation_is_an_error_naming_it():
         select(("audio/white_noise",), ("image", "text"))
 
 
+def test_missing_at_rate_one_is_the_ablation_and_level_zero_the_clean_accuracy(trained_run):
+    config, metadata, model = load_trained_model(trained_run)
+    chosen = select(("text/missing",), config.model.modalities)
+    clean, accuracies = curves(model, config, metadata, "test", chosen, SEED)
+    probabilities, labels, _ = predict_split(model, config, metadata, "test")
+    assert clean == accuracies["text/missing"][0] == (probabilities.argmax(-1) == labels).mean()
+    # What modality_ablation reports as "without text".
+    probabilities, labels, _ = predict_split(model, config, metadata, "test", drop=("text",))
+    assert accuracies["text/missing"][-1] == (probabilities.argmax(-1) == labels).mean()
+
+
+def test_cli_robustness_report_with_one_degradation(trained_run, capsys):
+    argv = ["evaluate", str(trained_run), "--no-ablation", "--degradations", "audio/white_noise"]
+    assert cli.main(argv) == 0
+    report = json.loads((trained_run / "report.json").read_text())
+    [row] = report["robustness"]["degradations"]
+    assert row["name"] == "audio/white_noise" and row["labels"] == ["clean", "20 dB", "10 dB", "0 dB"]
+    assert row["levels"][0] is None and row["accuracy"][0] == report["metrics"]["accuracy"]
+    assert (trained_run / row["plot"]).stat().st_size > 1000
+    markdown = (trained_run / "report.md").read_text()
+    assert "## Robustness" in markdown and f"]({row['plot']})" in markdown
+    assert "audio/white_noise    relative robustness" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_cli_robustness_report_curves_match_clean_and_ablation(trained_run, capsys):
     assert cli.main(["evaluate", str(trained_run), "--robustness", "--robustness-seed", str(SEED)]) == 0
+    shutil.copy(trained_run / "report.md", Path(os.environ.get("MMTF_ROBUSTNESS_REPORT", os.devnull)))
     report = json.loads((trained_run / "report.json").read_text())
     section = report["robustness"]
     names = [row["name"] for row in section["degradations"]]
@@ -230,6 +260,7 @@ def test_cli_robustness_report_curves_match_clean_and_ablation(trained_run, caps
     assert "relative robustness" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_effective_robustness_against_itself_is_zero(trained_run):
     argv = [
         "evaluate",
