@@ -18,6 +18,8 @@ from multimodal_tf.compat import keras, tf
 from multimodal_tf.data import features
 from multimodal_tf.data.pipeline import make_dataset
 from multimodal_tf.models import OUTPUT_NAME, UNCALIBRATED_NAME, EnsembleModel
+from multimodal_tf.robustness import RobustnessOptions, robustness_report
+from multimodal_tf.robustness import to_markdown as robustness_markdown
 from multimodal_tf.run_dir import CALIBRATION_FILE, load_trained_model
 
 
@@ -166,9 +168,16 @@ def _comparison_row(run_dir, config, metrics: dict) -> dict:
 
 
 def evaluate(
-    run_dir: str | Path, split: str = "test", compare: tuple[str, ...] = (), ablation: bool = True
+    run_dir: str | Path,
+    split: str = "test",
+    compare: tuple[str, ...] = (),
+    ablation: bool = True,
+    robustness: RobustnessOptions | None = None,
 ) -> dict:
-    """Evaluates a run on ``split``; writes report.json, report.md and plots."""
+    """Evaluates a run on ``split``; writes report.json, report.md and plots.
+
+    ``robustness`` adds the degraded-input curves (``multimodal_tf.robustness``).
+    """
     run_dir = Path(run_dir)
     config, metadata, model = load_trained_model(run_dir)
     if split not in metadata.shards:
@@ -191,6 +200,8 @@ def evaluate(
         report["calibration"] = json.loads((run_dir / CALIBRATION_FILE).read_text())
     if ablation:
         report["ablation"] = modality_ablation(model, config, metadata, split)
+    if robustness is not None:
+        report["robustness"] = robustness_report(model, config, metadata, split, out_dir, robustness)
     if isinstance(model, EnsembleModel):
         report["members"] = ensemble_members(model, config, metadata, split)
     report["comparison"] = [_comparison_row(run_dir, config, report["metrics"])]
@@ -262,6 +273,8 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
             f"| {r['run']} | {', '.join(r['modalities'])} | {r['fusion']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |"
             for r in report["comparison"]
         ]
+    if report.get("robustness"):
+        lines += robustness_markdown(report["robustness"])
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path})" for name, path in report["plots"].items()]
     return "\n".join(lines) + "\n"

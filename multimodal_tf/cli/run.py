@@ -26,9 +26,19 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from multimodal_tf.evaluation import evaluate  # noqa: PLC0415
+    from multimodal_tf.robustness import RobustnessOptions  # noqa: PLC0415
 
+    robustness = None
+    if args.robustness or args.degradations or args.robustness_baseline:
+        robustness = RobustnessOptions(
+            tuple(args.degradations or ()), args.robustness_seed, args.robustness_baseline
+        )
     report = evaluate(
-        args.run_dir, split=args.split, compare=tuple(args.compare or ()), ablation=not args.no_ablation
+        args.run_dir,
+        split=args.split,
+        compare=tuple(args.compare or ()),
+        ablation=not args.no_ablation,
+        robustness=robustness,
     )
     m = report["metrics"]
     print(
@@ -36,6 +46,11 @@ def cmd_evaluate(args) -> int:
     )
     for row in report.get("ablation", []):
         print(f"  {row['setting']:<16} accuracy {row['accuracy']:.4f}")
+    for row in report.get("robustness", {}).get("degradations", []):
+        print(
+            f"  {row['name']:<20} relative robustness {row['relative_robustness']:.4f}, "
+            f"effective {row['effective_robustness']:+.4f}"
+        )
     print(f"report: {Path(args.run_dir) / 'report.md'}")
     return 0
 
@@ -69,6 +84,21 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--compare", nargs="*", help="other run dirs (e.g. unimodal baselines) for the table")
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument(
+        "--robustness", action="store_true", help="accuracy vs degradation level per modality (MultiBench)"
+    )
+    p.add_argument(
+        "--degradations",
+        nargs="+",
+        metavar="NAME",
+        help="implies --robustness; e.g. image/occlusion text/typos (default: all)",
+    )
+    p.add_argument("--robustness-seed", type=int, default=0, help="seed of the degradations' random draws")
+    p.add_argument(
+        "--robustness-baseline",
+        metavar="RUN",
+        help="implies --robustness; reference run for effective robustness (e.g. late fusion)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("export", help="write a versioned SavedModel for TF Serving")

@@ -60,6 +60,7 @@ def make_dataset(
     batch_size: int | None = None,
     drop_remainder: bool = False,
     with_ids: bool = False,
+    preprocessor: Preprocessor | None = None,
 ) -> tf.data.Dataset:
     """Batched ``(features, label)`` (or ``(features, label, id)``) for one split.
 
@@ -73,6 +74,9 @@ def make_dataset(
         batch_size: global batch size; default ``config.data.batch_size``.
         drop_remainder: static batch shapes (TPU).
         with_ids: also yield the example ids (for prediction files).
+        preprocessor: raw records -> model features (``parse_examples`` and
+            a call); default the config's ``Preprocessor``. The robustness
+            report passes one that degrades the decoded inputs.
     """
     data = config.data
     directory = Path(default_tfrecord_dir(data))
@@ -88,7 +92,7 @@ def make_dataset(
         input_context,
         metadata.counts[split]["examples"],
     )
-    preprocessor = Preprocessor(data, metadata.vocabulary, config.model)
+    preprocessor = preprocessor or Preprocessor(data, metadata.vocabulary, config.model)
 
     def preprocess(serialized):
         raw = preprocessor.parse_examples(serialized)
