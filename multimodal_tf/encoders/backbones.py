@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import ConfigFieldError
+from multimodal_tf.config import MissingFileError
 
 
 def check_weights_file(path: str, key: str = "weights") -> None:
-    """Raises ConfigFieldError when ``path`` is set but is not an existing file."""
+    """Raises MissingFileError when ``path`` is set but is not an existing file."""
     if path and not os.path.isfile(path):
-        raise ConfigFieldError(
+        raise MissingFileError(
             key, f"no such file {path!r} (a local Keras weights file; nothing is downloaded)"
         )
 

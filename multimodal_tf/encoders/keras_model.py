@@ -11,7 +11,7 @@ import dataclasses
 import os
 
 from multimodal_tf.compat import keras
-from multimodal_tf.config import ConfigFieldError, EncoderConfig, option
+from multimodal_tf.config import EncoderConfig, MissingFileError, option
 from multimodal_tf.encoders.backbones import BackboneEncoder
 from multimodal_tf.registry import ENCODERS
 
@@ -40,7 +40,7 @@ class KerasModelConfig(EncoderConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.path and not os.path.exists(self.path):  # "" (the default) fails when the layer is built
-            raise ConfigFieldError("path", f"no such file or folder {self.path!r} (a Keras model file)")
+            raise MissingFileError("path", f"no such file or folder {self.path!r} (a Keras model file)")
 
 
 def scaling(mode: str):
