@@ -127,3 +127,31 @@ def write_tiny_pretrained(directory: str | Path, seed: int = 0) -> dict[str, Pat
     )
     paths["overlay"].write_text(header + yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
     return paths
+
+
+def tiny_pretrained_overrides(paths: dict[str, Path], fusion: str = "cross_attention") -> tuple[str, ...]:
+    """``tiny_config`` overrides for the three pretrained families on :func:`write_tiny_pretrained` files.
+
+    Image, text and audio take ``image/keras_application``, ``text/bert`` and
+    ``audio/saved_model`` (with the published YAMNet's keys), fused by
+    ``fusion``; drop a family by leaving its modality out of
+    ``model.modalities``.
+    """
+    arguments = ", ".join(
+        f"{key}: {str(value).lower()}" for key, value in TINY_ARCHITECTURE_ARGUMENTS.items()
+    )
+    return (
+        "model.image_encoder.name=image/keras_application",
+        f"model.image_encoder.architecture={TINY_ARCHITECTURE}",
+        f"model.image_encoder.architecture_arguments={{{arguments}}}",
+        f"model.image_encoder.weights={paths['image_weights']}",
+        f"model.image_encoder.input_size={TINY_INPUT_SIZE}",
+        "model.text_encoder.name=text/bert",
+        f"model.text_encoder.checkpoint_dir={paths['bert']}",
+        "model.audio_encoder.name=audio/saved_model",
+        f"model.audio_encoder.path={paths['yamnet']}",
+        "model.audio_encoder.signature=",
+        "model.audio_encoder.input_key=",
+        "model.audio_encoder.output_key=1",
+        f"model.fusion.name={fusion}",
+    )

@@ -8,7 +8,7 @@ pipeline where the real files cannot be downloaded.
 Usage::
 
     python tools/make_tiny_pretrained.py /tmp/tiny
-    mmtf data synthesize /tmp/synth
+    mmtf data synth /tmp/synth
     mmtf train --config pipelines/pretrained.yaml --config /tmp/tiny/tiny.yaml \\
         --manifest /tmp/synth/manifest.csv --output-dir /tmp/run
 """
