@@ -100,7 +100,7 @@ def variants(files: dict[str, str]) -> dict[str, tuple[str, ...]]:
             f"model.audio_encoder.path={files['yamnet']}",
             "model.audio_encoder.signature=",
             "model.audio_encoder.input_key=",
-            "model.audio_encoder.output_key=1",
+            "model.audio_encoder.output_key='1'",  # quoted: a string key, not YAML's int
         ),
     }
 

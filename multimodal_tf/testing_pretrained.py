@@ -152,6 +152,6 @@ def tiny_pretrained_overrides(paths: dict[str, Path], fusion: str = "cross_atten
         f"model.audio_encoder.path={paths['yamnet']}",
         "model.audio_encoder.signature=",
         "model.audio_encoder.input_key=",
-        "model.audio_encoder.output_key=1",
+        "model.audio_encoder.output_key='1'",  # quoted: a string key, not YAML's int
         f"model.fusion.name={fusion}",
     )
