@@ -114,6 +114,22 @@ def write_files(directory: Path) -> dict[str, str]:
     }
 
 
+def parameter_counts(encoder) -> tuple[int, int]:
+    """(total, trainable) parameters, a wrapped SavedModel's variables included (Keras does not count them)."""
+    size = lambda variables: sum(int(np.prod(v.shape)) for v in variables)  # noqa: E731
+    function = getattr(encoder, "_function", None)  # audio/saved_model: the wrapped model's function
+    captured = {id(w): w for w in encoder.weights}
+    extra = []
+    for concrete in getattr(function, "concrete_functions", None) or ([function] if function else []):
+        for variable in concrete.variables:
+            if id(variable) not in captured:
+                captured[id(variable)] = variable
+                extra.append(variable)
+    unfrozen = not getattr(encoder, "freeze", True)
+    trainable = encoder.trainable_weights + ([v for v in extra if v.trainable] if unfrozen else [])
+    return size(encoder.weights) + size(extra), size(trainable)
+
+
 def raw_batch_of_one(modality: str) -> dict[str, tf.Tensor]:
     make = {
         "image": lambda: png_bytes(0, size=32),
@@ -154,13 +170,13 @@ def measure(name: str, overrides: tuple[str, ...], args) -> dict:
         serve(raw)["probabilities"].numpy()
         seconds.append(time.perf_counter() - start)
     encoder = model.get_layer(f"{modality}_encoder")
-    trainable = sum(int(np.prod(w.shape)) for w in encoder.trainable_weights)
+    params, trainable = parameter_counts(encoder)
     return {
         "name": name,
         "modality": modality,
         "train": train_rate,
         "p50_ms": 1000 * statistics.median(seconds),
-        "params": encoder.count_params(),
+        "params": params,
         "trainable": trainable,
     }
 
