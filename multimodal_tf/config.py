@@ -29,6 +29,7 @@ from multimodal_tf.typed_config import (  # noqa: F401  (ConfigError, from_dict,
     Checked,
     ConfigError,
     ConfigFieldError,
+    MissingFileError,
     OneOf,
     default_family,
     family_config,
@@ -349,6 +350,8 @@ def load(
         try:
             layered = merge(merged, loaded, ExperimentConfig, strict)
             from_dict(ExperimentConfig, layered)
+        except MissingFileError:
+            pass  # checked on the resolved config below: a later layer may name another file
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         merged = layered
