@@ -8,6 +8,7 @@ from pathlib import Path
 
 from multimodal_tf import config as config_lib
 from multimodal_tf import distribute, training
+from multimodal_tf.budget import Deadline, keras_callbacks
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.tuning import chief
@@ -62,6 +63,15 @@ def _counting(tuner_class):
     """
 
     class Counting(tuner_class):
+        deadline = None  # a budget.Deadline: no new trial once it has passed
+
+        def pre_create_trial(self):
+            super().pre_create_trial()
+            if self.deadline is not None and self.deadline.expired():
+                # The oracle answers STOPPED once it holds max_trials trials,
+                # so the search ends cleanly and keeps its best trial.
+                self.oracle.max_trials = max(1, len(self.oracle.trials))
+
         def run_trial(self, trial, *args, **kwargs):
             histories = super().run_trial(trial, *args, **kwargs)
             runs = histories if isinstance(histories, list) else [histories]
@@ -81,8 +91,16 @@ def tune(
     directory: str | Path = "runs/tune",
     export_best: bool = False,
     progress: bool = True,
+    time_budget: float | None = None,
+    started: float | None = None,
 ) -> TuneResult:
-    """Runs (or resumes) a search; the chief / single process writes the reports."""
+    """Runs (or resumes) a search; the chief / single process writes the reports.
+
+    ``time_budget`` (seconds from ``started``, default now) ends the search
+    cleanly: the running trial stops at its next batch (its best epoch so
+    far is scored), no trial starts after it, and the best trial is kept.
+    It bounds the search; ``export_best`` then trains the best config anew.
+    """
     if config.train.strategy in distribute.CLUSTER_STRATEGIES:
         raise ValueError(
             f"mmtf tune: trials train with one worker; train.strategy {config.train.strategy!r} "
@@ -100,7 +118,11 @@ def tune(
         tuner.oracle.verbose = verbose
         chief.serve_as_chief(tuner)
     else:
-        tuner.search(verbose=verbose if verbose != 1 or os.isatty(1) else 2)
+        callbacks = []
+        if time_budget:
+            tuner.deadline = Deadline(time_budget, started)
+            callbacks.append(keras_callbacks()[0](tuner.deadline))
+        tuner.search(verbose=verbose if verbose != 1 or os.isatty(1) else 2, callbacks=callbacks)
     if role == "worker":
         return TuneResult(role, project_dir)
     result = write_reports(tuner, hypermodel, project_dir)
