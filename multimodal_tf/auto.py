@@ -141,23 +141,52 @@ class _Estimates:
     """
 
     def __init__(self, budget: float):
-        self.start = min(15.0, 0.08 * budget)
-        self.finish = min(5.0, 0.03 * budget)
+        self.start = min(20.0, 0.25 * budget)
+        self.finish = min(5.0, 0.05 * budget)
 
     def update(self, start: float, finish: float) -> None:
         self.start, self.finish = max(self.start, start), max(self.finish, finish)
 
 
-def _train_candidates(plans, metadata, budget: Deadline, reserve: float, bar, progress: bool):
-    """Trains the planned candidates in turn; returns them and the trained models by name."""
+def _reserve(budget: Deadline, plans, models: dict) -> float:
+    """Seconds kept back for after training: the kept model's metrics, and stacking if it will run."""
+    modalities = [p[0] for p in plans if p[1] == "modality" and p[0] in models]
+    stacked = len(modalities) >= 2
+    # Stacking rebuilds and runs two stacked models; the kept model is rebuilt for its metrics.
+    models_to_run = 1 + (2 + len(modalities) if stacked else 0)
+    return FINAL_RESERVE * (budget.seconds or 0) + STACKING_SECONDS * models_to_run
+
+
+def triage(plans, available: float, estimates: _Estimates):
+    """The plans that fit: all of them, or only the joint model when each could not train as long as it starts.
+
+    A candidate that spends most of its share building and tracing learns
+    little; with one model's time, the joint model (which sees every
+    modality) is the better use of it.
+    """
+    overhead = estimates.start + estimates.finish
+    if len(plans) > 1 and available < 2 * overhead * len(plans):
+        return [p for p in plans if p[1] == "joint"] or plans[:1]
+    return plans
+
+
+def _train_candidates(plans, metadata, budget: Deadline, bar, progress: bool):
+    """Trains the planned candidates in turn; returns them (skipped ones too) and the trained models."""
     stop_class, progress_class = keras_callbacks()
     estimates = _Estimates(budget.seconds or 1e9)
-    results, models = [], {}
-    for index, (name, kind, config, share) in enumerate(plans):
-        shares = sum(plan[3] for plan in plans[index:])
-        available = budget.remaining() - reserve
+    chosen = triage(plans, budget.remaining() - _reserve(budget, plans, {p[0]: 0 for p in plans}), estimates)
+    results = [
+        Candidate(p[0], p[1], p[2].train.output_dir, note="skipped: too short a budget")
+        for p in plans
+        if p not in chosen
+    ]
+    models = {}
+    for index, (name, kind, config, share) in enumerate(chosen):
+        shares = sum(plan[3] for plan in chosen[index:])
+        planned = {**models, **{p[0]: 0 for p in chosen[index:]}}
+        available = budget.remaining() - _reserve(budget, chosen, planned)
         overhead = estimates.start + estimates.finish  # paid by every candidate, whatever its share
-        batches = (available - overhead * (len(plans) - index)) * share / shares
+        batches = (available - overhead * (len(chosen) - index)) * share / shares
         candidate = Candidate(name, kind, config.train.output_dir)
         results.append(candidate)
         if batches < 1.0:
@@ -173,7 +202,8 @@ def _train_candidates(plans, metadata, budget: Deadline, reserve: float, bar, pr
         candidate.val_loss, candidate.val_accuracy, candidate.epochs = scores_from_history(run_dir)
         if stop.first_batch_end is not None:
             estimates.update(stop.first_batch_end - started, ended - stop.last_batch_end)
-    return results, models
+    order = [p[0] for p in plans]
+    return sorted(results, key=lambda c: order.index(c.name)), models
 
 
 def _keep(candidates: list[Candidate], out: Path) -> Candidate:
@@ -232,6 +262,7 @@ def _stack_all(config, metadata, candidates, models, out: Path, bar) -> None:
     for combine in stacking.COMBINATIONS:
         stacked_dir = out / "candidates" / f"late_{combine}"
         scores = stacking.stack(config, metadata, trained, combine, stacked_dir, val)
+        models[f"late_{combine}"] = scores["model"]
         weights = ", ".join(f"{m} {w:.2f}" for m, w in scores["weights"].items())
         candidates.append(
             Candidate(
@@ -284,17 +315,16 @@ def auto_train(
         print(autoconfig.explain(profile, str(out)))
         print(f"inferred config: {out / INFERRED_FILE} (mmtf train --config {out / INFERRED_FILE})")
     metadata = prepare_data(config.data, progress=progress)
-    # Stacking and the kept model's metrics rebuild and run M + 3 models.
-    reserve = FINAL_RESERVE * (time_budget or 0) + STACKING_SECONDS * (len(config.model.modalities) + 3)
     total = round(time_budget) if time_budget else None
     with tqdm(
         total=total, unit="s", disable=not progress, file=sys.stderr, bar_format="{desc} {bar} {postfix}"
     ) as bar:
         plans = candidate_configs(config, out)
-        candidates, models = _train_candidates(plans, metadata, budget, reserve, bar, progress)
+        candidates, models = _train_candidates(plans, metadata, budget, bar, progress)
         _stack_all(config, metadata, candidates, models, out, bar)
         kept = _keep(candidates, out)
-        stacking.write_final_metrics(out)
+        val = {"loss": kept.val_loss, "accuracy": kept.val_accuracy}
+        stacking.write_final_metrics(out, models.get(kept.name), val)
         bar.n = min(bar.total or 0, round(budget.elapsed(), 1))
         bar.set_description_str(f"kept {kept.name}")
     write_report(out, candidates, kept, budget.elapsed(), time_budget)

@@ -32,7 +32,7 @@ from multimodal_tf.data import features
 from multimodal_tf.data.pipeline import make_dataset
 from multimodal_tf.data.text import vocabulary_size
 from multimodal_tf.models import build_model
-from multimodal_tf.run_dir import load_trained_model
+from multimodal_tf.run_dir import load_run, load_trained_model
 
 # The fusion of every per-modality model and of the stacked one (same layer sizes).
 LATE_FUSION = ("model.fusion.name=late", "model.fusion.hidden_dim=64", "model.fusion.dropout_rate=0.2")
@@ -140,9 +140,10 @@ def stack(config, metadata, models: dict, combine: str, out_dir: Path, val=None)
         val: ``predictions(config, metadata, models, "val")`` when already computed.
 
     Returns:
-        ``{"loss", "accuracy", "weights", "seconds"}``: the stacked model's
-        own validation log loss and accuracy, each modality's weight for an
-        example that has every modality, and the seconds it took.
+        ``{"loss", "accuracy", "weights", "seconds", "model"}``: the stacked
+        model's own validation log loss and accuracy, each modality's weight
+        for an example that has every modality, the seconds it took and the
+        model.
     """
     started = time.monotonic()
     probabilities, presence, labels = val or predictions(config, metadata, models, "val")
@@ -160,20 +161,40 @@ def stack(config, metadata, models: dict, combine: str, out_dir: Path, val=None)
         "accuracy": float((fused.argmax(-1) == labels).mean()),
         "weights": dict(zip(models, (weights / weights.sum()).tolist(), strict=True)),
         "seconds": time.monotonic() - started,
+        "model": model,
     }
 
 
-def write_final_metrics(run_dir: str | Path) -> dict:
-    """``metrics.json`` of a run directory's best weights: val and test log loss and accuracy."""
-    config, metadata, model = load_trained_model(run_dir)
+def split_scores(model, config, metadata, split: str) -> dict:
+    """Log loss and accuracy of ``model`` on ``split`` (compiled models evaluate with their traced step)."""
+    if model.compiled_loss is not None:
+        from multimodal_tf import recipe  # noqa: PLC0415
+
+        dataset = recipe.supervised_dataset(
+            make_dataset(config, split, training=False, metadata=metadata), config, metadata.num_classes
+        )
+        values = model.evaluate(dataset, verbose=0, return_dict=True)
+        return {"loss": float(values["loss"]), "accuracy": float(values["accuracy"])}
+    probabilities, _, labels = predictions(config, metadata, {"model": model}, split)
+    probabilities = probabilities[:, 0]
+    return {
+        "loss": log_loss(probabilities, labels),
+        "accuracy": float((probabilities.argmax(-1) == labels).mean()),
+    }
+
+
+def write_final_metrics(run_dir: str | Path, model=None, val: dict | None = None) -> dict:
+    """``metrics.json`` of a run directory: val and test log loss and accuracy of its best weights.
+
+    ``model``: the run's model already in memory (else rebuilt from the run
+    directory); ``val``: its validation scores when already known.
+    """
+    config, metadata = load_run(run_dir)
+    if model is None:
+        model = load_trained_model(run_dir)[2]
     results = {}
     for split in ("val", "test"):
         if split in metadata.shards:
-            probabilities, _, labels = predictions(config, metadata, {"model": model}, split)
-            probabilities = probabilities[:, 0]
-            results[split] = {
-                "loss": log_loss(probabilities, labels),
-                "accuracy": float((probabilities.argmax(-1) == labels).mean()),
-            }
+            results[split] = val if split == "val" and val else split_scores(model, config, metadata, split)
     (Path(run_dir) / run_files.METRICS_FILE).write_text(json.dumps(results, indent=1))
     return results
