@@ -44,6 +44,9 @@ INFERRED_FILE, PROFILE_FILE = "inferred.yaml", "profile.json"
 CANDIDATES_JSON, CANDIDATES_MD = "candidates.json", "candidates.md"
 JOINT_SHARE = 1.5  # the joint model trains every encoder at once: more time than one modality
 FINAL_RESERVE = 0.03  # of the budget, for stacking, the kept model's test metrics and reports
+# Train every candidate only when each can train at least half as long as it
+# takes to start and finish; otherwise the joint model alone.
+TRIAGE_FACTOR = 1.5
 STACKING_SECONDS = 2.0  # rebuilding and running one small model on 2 CPU cores, measured loaded
 
 
@@ -158,14 +161,14 @@ def _reserve(budget: Deadline, plans, models: dict) -> float:
 
 
 def triage(plans, available: float, estimates: _Estimates):
-    """The plans that fit: all of them, or only the joint model when each could not train as long as it starts.
+    """The plans that fit: all of them, or only the joint model when each would mostly start and finish.
 
     A candidate that spends most of its share building and tracing learns
     little; with one model's time, the joint model (which sees every
     modality) is the better use of it.
     """
     overhead = estimates.start + estimates.finish
-    if len(plans) > 1 and available < 2 * overhead * len(plans):
+    if len(plans) > 1 and available < TRIAGE_FACTOR * overhead * len(plans):
         return [p for p in plans if p[1] == "joint"] or plans[:1]
     return plans
 
