@@ -286,6 +286,7 @@ def auto_train(
     time_budget: float | None = DEFAULT_BUDGET,
     progress: bool = True,
     started: float | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> AutoResult:
     """Infers a config, trains the candidates within ``time_budget`` seconds and keeps the best.
 
@@ -296,6 +297,7 @@ def auto_train(
         progress: print the inferred config and show a progress bar.
         started: ``time.monotonic()`` when the budget began (the CLI passes
             its own start, so TensorFlow's import counts too); default now.
+        overrides: ``--set``-style changes applied to the inferred config.
 
     Returns:
         The run directory (a normal one, holding the kept model), the kept
@@ -310,7 +312,7 @@ def auto_train(
     budget = Deadline(time_budget, started)
     out = Path(output_dir)
     profile = autoconfig.profile_manifest(manifest)
-    config = autoconfig.infer_config(profile, str(out))
+    config = config_lib.replace(autoconfig.infer_config(profile, str(out)), overrides)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.save(config, out / INFERRED_FILE)
     (out / PROFILE_FILE).write_text(json.dumps(dataclasses.asdict(profile), indent=1, ensure_ascii=False))

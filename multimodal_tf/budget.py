@@ -75,16 +75,22 @@ def keras_callbacks():
         a caller what a run spent before and after its batches.
         """
 
-        def __init__(self, deadline: Deadline):
+        def __init__(self, deadline: Deadline, record: dict | None = None):
             super().__init__()
             self.deadline = deadline
             self.stopped = False
             self.first_batch_end = self.last_batch_end = None
+            # Shared by copies (Keras Tuner deep-copies callbacks per trial):
+            # the monotonic time each fit's first batch ended.
+            self.record = {} if record is None else record
+
+        def __deepcopy__(self, memo):
+            return type(self)(self.deadline, self.record)
 
         def on_train_batch_end(self, batch, logs=None):
             self.last_batch_end = time.monotonic()
             if self.first_batch_end is None:
-                self.first_batch_end = self.last_batch_end
+                self.first_batch_end = self.record["first_batch_end"] = self.last_batch_end
             if self.deadline.expired():
                 self.stopped = True
                 self.model.stop_training = True

@@ -122,6 +122,14 @@ def test_bad_manifests_name_the_record_and_field(tmp_path):
         autoconfig.infer_config(autoconfig.profile_manifest(manifest))
 
 
+def test_cli_reports_a_missing_manifest_and_a_bad_budget_in_one_line(tmp_path, capsys):
+    assert cli.main(["train", "--manifest", str(tmp_path / "nope.csv")]) == 2
+    assert "nope.csv does not exist" in capsys.readouterr().err
+    manifest = known_manifest(tmp_path)
+    assert cli.main(["train", "--manifest", str(manifest), "--time-budget", "soon"]) == 2
+    assert "time budget 'soon'" in capsys.readouterr().err
+
+
 def test_stratified_validation_holds_out_each_class_in_proportion(tmp_path):
     manifest = known_manifest(tmp_path)
     config = tiny_config(
@@ -213,9 +221,9 @@ def test_no_config_cli_trains_stacks_keeps_the_best_and_exports(synth_manifest, 
 def test_tune_time_budget_stops_the_search_and_keeps_the_best_trial(synth_manifest, tmp_path):
     config = tiny_config(f"data.manifest={synth_manifest}", "model.modalities=[image]", "train.epochs=50")
     prepare_data(config.data, progress=False)
-    budget = 15.0
+    budget = 20.0
     started = time.monotonic()
     result = tuning.tune(config, "random", 100, tmp_path, progress=False, time_budget=budget)
     wall = time.monotonic() - started
-    assert wall <= 1.1 * budget + 3, f"{wall:.1f} s for a {budget} s budget (+3 s of reports)"
+    assert wall <= 1.1 * budget, f"{wall:.1f} s for a {budget} s budget"
     assert 1 <= result.num_trials < 100 and result.best_score is not None

@@ -19,7 +19,11 @@ def cmd_auto_train(args) -> int:
 
     budget = _budget_seconds(args) or DEFAULT_BUDGET
     result = auto_train(
-        args.manifest, args.output_dir or "runs/auto", budget, started=getattr(args, "started", None)
+        args.manifest,
+        args.output_dir or "runs/auto",
+        budget,
+        started=getattr(args, "started", None),
+        overrides=tuple(args.set or ()),
     )
     for candidate in result.candidates:
         if candidate.val_loss is None:
@@ -36,10 +40,8 @@ def cmd_auto_train(args) -> int:
 
 def cmd_train(args) -> int:
     if not args.config and args.manifest:
-        if args.set or args.strategy or args.tpu:
-            raise SystemExit(
-                "mmtf train --manifest without --config infers its config: drop --set/--strategy/--tpu"
-            )
+        if args.strategy or args.tpu:
+            raise ValueError("--strategy/--tpu need a --config (the automatic run trains on one device)")
         return cmd_auto_train(args)
     from multimodal_tf.budget import Deadline, keras_callbacks  # noqa: PLC0415
     from multimodal_tf.training import train  # noqa: PLC0415
@@ -55,7 +57,8 @@ def cmd_train(args) -> int:
     if args.tpu:
         overrides.append(f"train.tpu={args.tpu}")
     config = load_config(args, overrides)
-    callbacks = [keras_callbacks()[0](Deadline(seconds))] if seconds else []
+    deadline = Deadline(seconds, getattr(args, "started", None))
+    callbacks = [keras_callbacks()[0](deadline)] if seconds else []
     run_dir = train(config, callbacks=callbacks)
     print(f"run directory: {run_dir}")
     return 0

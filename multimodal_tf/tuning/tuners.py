@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from multimodal_tf import config as config_lib
@@ -17,6 +18,7 @@ from multimodal_tf.tuning.reports import EPOCHS_FILE, TuneResult, write_reports
 from multimodal_tf.tuning.space import default_search_space
 
 TUNERS = ("random", "bayesian", "hyperband")
+REPORT_SHARE = 0.15  # of a time budget, kept for the stopped trial's validation and the reports
 
 
 def objective_for(monitor: str):
@@ -63,17 +65,23 @@ def _counting(tuner_class):
     """
 
     class Counting(tuner_class):
-        deadline = None  # a budget.Deadline: no new trial once it has passed
+        deadline = None  # a budget.Deadline: no trial starts that could not reach its first step
+        stop_record = None  # the deadline callback's record (first batch times), set by tune
+        startup = 0.0  # the longest a trial took from its start to its first trained batch
 
         def pre_create_trial(self):
             super().pre_create_trial()
-            if self.deadline is not None and self.deadline.expired():
+            if self.deadline is not None and self.deadline.remaining() <= self.startup:
                 # The oracle answers STOPPED once it holds max_trials trials,
                 # so the search ends cleanly and keeps its best trial.
                 self.oracle.max_trials = max(1, len(self.oracle.trials))
 
         def run_trial(self, trial, *args, **kwargs):
+            started = time.monotonic()
             histories = super().run_trial(trial, *args, **kwargs)
+            first = (self.stop_record or {}).get("first_batch_end")
+            if first is not None and first > started:
+                self.startup = max(self.startup, first - started)
             runs = histories if isinstance(histories, list) else [histories]
             epochs = sum(len(getattr(run, "epoch", [])) for run in runs)
             path = Path(self.get_trial_dir(trial.trial_id)) / EPOCHS_FILE
@@ -106,6 +114,9 @@ def tune(
             f"mmtf tune: trials train with one worker; train.strategy {config.train.strategy!r} "
             "is not supported (use default, mirrored or tpu; mmtf launch --tuner-workers to scale)"
         )
+    # Counted from the call (data preparation too), less what the last
+    # trial's validation and the reports take after the search stops.
+    deadline = Deadline(time_budget and time_budget - min(10.0, REPORT_SHARE * time_budget), started)
     space = config.search_space or default_search_space(config)
     role = chief.role()
     metadata = prepare_data(config.data, progress=progress and role != "worker")
@@ -120,8 +131,8 @@ def tune(
     else:
         callbacks = []
         if time_budget:
-            tuner.deadline = Deadline(time_budget, started)
-            callbacks.append(keras_callbacks()[0](tuner.deadline))
+            tuner.deadline, tuner.stop_record = deadline, {}
+            callbacks.append(keras_callbacks()[0](deadline, tuner.stop_record))
         tuner.search(verbose=verbose if verbose != 1 or os.isatty(1) else 2, callbacks=callbacks)
     if role == "worker":
         return TuneResult(role, project_dir)
