@@ -67,6 +67,8 @@ class Candidate:
 
 @dataclasses.dataclass
 class AutoResult:
+    """What :func:`auto_train` returns: the run directory, the kept candidate's name, all candidates."""
+
     run_dir: Path
     kept: str
     candidates: list[Candidate]
