@@ -335,7 +335,10 @@ def _training_rules(profile: DatasetProfile, output_dir: str) -> list[tuple[str,
     n, k = profile.train_examples, len(profile.class_counts)
     rules = [
         (f"train.output_dir={json.dumps(str(output_dir))}", ""),
-        (f"data.batch_size={32 if n < 2000 else 64}", "more steps per epoch for small data"),
+        (
+            f"data.batch_size={32 if n < 2000 else 64}",
+            f"{'below' if n < 2000 else 'from'} 2,000 examples ({'more steps per epoch' if n < 2000 else 'the default'})",
+        ),
         ("train.epochs=40", "an upper bound: early stopping and the time budget end runs sooner"),
         ("train.early_stopping_patience=6", ""),
         ("train.learning_rate=0.002", ""),
