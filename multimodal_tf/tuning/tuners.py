@@ -18,7 +18,7 @@ from multimodal_tf.tuning.reports import EPOCHS_FILE, TuneResult, write_reports
 from multimodal_tf.tuning.space import default_search_space
 
 TUNERS = ("random", "bayesian", "hyperband")
-REPORT_SHARE = 0.15  # of a time budget, kept for the stopped trial's validation and the reports
+REPORT_SHARE = 0.2  # of a time budget, kept for the stopped trial's validation and the reports
 
 
 def objective_for(monitor: str):
@@ -65,13 +65,16 @@ def _counting(tuner_class):
     """
 
     class Counting(tuner_class):
-        deadline = None  # a budget.Deadline: no trial starts that could not reach its first step
+        deadline = None  # a budget.Deadline: no trial starts that could not train past its start-up
         stop_record = None  # the deadline callback's record (first batch times), set by tune
         startup = 0.0  # the longest a trial took from its start to its first trained batch
 
         def pre_create_trial(self):
             super().pre_create_trial()
-            if self.deadline is not None and self.deadline.remaining() <= self.startup:
+            # A trial starts only if it could train at least as long as it
+            # takes to start (the longest start so far); less would only score
+            # a barely trained model.
+            if self.deadline is not None and self.deadline.remaining() <= 2 * self.startup:
                 # The oracle answers STOPPED once it holds max_trials trials,
                 # so the search ends cleanly and keeps its best trial.
                 self.oracle.max_trials = max(1, len(self.oracle.trials))
