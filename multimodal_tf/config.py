@@ -124,6 +124,10 @@ class DataConfig(Checked):
     # Share of the train split held out as "val" when the manifest has no
     # val/validation split (chosen by a hash of the id, so it is stable).
     validation_fraction: float = 0.1
+    # How those examples are chosen: "hash" (each by its id's hash) or
+    # "stratified" (per class, the same share of each class, picked by id
+    # hash): small or skewed sets then get every class in validation.
+    validation_split: str = option("hash", choices=("hash", "stratified"))
     batch_size: int = option(64, minimum=1)
     shuffle_buffer: int = 2048
     cache: bool = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from multimodal_tf import config as config_lib
@@ -27,9 +28,14 @@ from multimodal_tf.models import build_model, loss_for
 
 
 def run_callbacks(
-    config: ExperimentConfig, run_dir: Path, batch_size: int, chief: bool, steps_per_epoch: int | None = None
+    config: ExperimentConfig,
+    run_dir: Path,
+    batch_size: int,
+    chief: bool,
+    steps_per_epoch: int | None = None,
+    extra: Sequence = (),
 ) -> list:
-    """The recipe's callbacks with the run directory's checkpoints and logs between them."""
+    """The recipe's callbacks with the run directory's checkpoints and logs (and ``extra``) between them."""
     train = config.train
     # Non-chief workers must still run the callbacks (they take part in the
     # collectives) but write into a throwaway folder.
@@ -50,6 +56,7 @@ def run_callbacks(
         keras.callbacks.CSVLogger(str(out / run_files.HISTORY_CSV)),
         keras.callbacks.TensorBoard(log_dir=str(out / run_files.LOGS_DIR), profile_batch=0),
         keras.callbacks.BackupAndRestore(train.backup_dir or str(run_dir / "backup")),
+        *extra,
     ]
     callbacks = recipe.callbacks_for(config, between=files)
     if distribute.in_cluster():  # per-task epochs and final weights (after EarlyStopping restores)
@@ -88,8 +95,12 @@ def _start_run(config: ExperimentConfig, run_dir: Path) -> None:
     )
 
 
-def train(config: ExperimentConfig, progress: bool = True) -> Path:
-    """Trains one experiment; returns its run directory."""
+def train(config: ExperimentConfig, progress: bool = True, callbacks: Sequence = ()) -> Path:
+    """Trains one experiment; returns its run directory.
+
+    ``callbacks``: more Keras callbacks for ``fit`` (e.g. a time budget's
+    stop, budget.keras_callbacks), after the checkpoints and logs.
+    """
     run_dir = Path(config.train.output_dir)
     if distribute.is_server_task(config.train):
         distribute.run_server()  # ps/worker of a PS cluster: serve until stopped
@@ -118,7 +129,9 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
         train_ds,
         validation_data=val_ds,
         epochs=config.train.epochs,
-        callbacks=run_callbacks(config, run_dir, batch_size, chief, fit_steps.get("steps_per_epoch")),
+        callbacks=run_callbacks(
+            config, run_dir, batch_size, chief, fit_steps.get("steps_per_epoch"), callbacks
+        ),
         verbose=verbose,
         **fit_steps,
     )

@@ -7,9 +7,46 @@ from pathlib import Path
 from multimodal_tf.cli.common import add_config_args, load_config
 
 
+def _budget_seconds(args) -> float | None:
+    from multimodal_tf.budget import parse_duration  # noqa: PLC0415  (no TensorFlow)
+
+    return parse_duration(args.time_budget) if args.time_budget else None
+
+
+def cmd_auto_train(args) -> int:
+    """``mmtf train --manifest M.csv`` without ``--config``: infer, train candidates, keep the best."""
+    from multimodal_tf.auto import DEFAULT_BUDGET, auto_train  # noqa: PLC0415
+
+    budget = _budget_seconds(args) or DEFAULT_BUDGET
+    result = auto_train(
+        args.manifest,
+        args.output_dir or "runs/auto",
+        budget,
+        started=getattr(args, "started", None),
+        overrides=tuple(args.set or ()),
+    )
+    for candidate in result.candidates:
+        if candidate.val_loss is None:
+            print(f"  {candidate.name:<14} {candidate.note}")
+        else:
+            print(
+                f"  {candidate.name:<14} val loss {candidate.val_loss:.4f}, "
+                f"val accuracy {candidate.val_accuracy:.4f}{'  <- kept' if candidate.name == result.kept else ''}"
+            )
+    print(f"kept {result.kept} in {result.seconds:.0f} s; candidates: {result.run_dir / 'candidates.md'}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
 def cmd_train(args) -> int:
+    if not args.config and args.manifest:
+        if args.strategy or args.tpu:
+            raise ValueError("--strategy/--tpu need a --config (the automatic run trains on one device)")
+        return cmd_auto_train(args)
+    from multimodal_tf.budget import Deadline, keras_callbacks  # noqa: PLC0415
     from multimodal_tf.training import train  # noqa: PLC0415
 
+    seconds = _budget_seconds(args)
     overrides = []
     if args.manifest:
         overrides.append(f"data.manifest={args.manifest}")
@@ -19,7 +56,10 @@ def cmd_train(args) -> int:
         overrides.append(f"train.strategy={args.strategy}")
     if args.tpu:
         overrides.append(f"train.tpu={args.tpu}")
-    run_dir = train(load_config(args, overrides))
+    config = load_config(args, overrides)
+    deadline = Deadline(seconds, getattr(args, "started", None))
+    callbacks = [keras_callbacks()[0](deadline)] if seconds else []
+    run_dir = train(config, callbacks=callbacks)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -71,9 +111,20 @@ def cmd_export(args) -> int:
 
 def add_parsers(subparsers) -> None:
     """Adds ``train``, ``evaluate`` and ``export``."""
-    p = subparsers.add_parser("train", help="train a model from a config")
+    p = subparsers.add_parser(
+        "train", help="train a model from a config, or from a manifest alone (config inferred)"
+    )
     add_config_args(p)
-    p.add_argument("--manifest", help="shortcut for --set data.manifest=...")
+    p.add_argument(
+        "--manifest",
+        help="shortcut for --set data.manifest=...; without --config: infer the config, train "
+        "per-modality and fusion candidates and keep the best on validation (docs/training.md)",
+    )
+    p.add_argument(
+        "--time-budget",
+        help="wall-clock limit, e.g. 90s, 10m, 1h: training stops at the next batch and keeps the best "
+        "weights so far (without --config: bounds the whole automatic run, default 10m)",
+    )
     p.add_argument("--output-dir", help="shortcut for --set train.output_dir=...")
     p.add_argument("--strategy", help="default | mirrored | multi_worker | parameter_server | tpu")
     p.add_argument("--tpu", help="TPU name or 'local' (with --strategy tpu)")
