@@ -123,6 +123,9 @@ class DataConfig(Checked):
     # Share of the train split held out as "val" when the manifest has no
     # val/validation split (chosen by a hash of the id, so it is stable).
     validation_fraction: float = 0.1
+    # The conversion cache key covers every media file by size + mtime; true:
+    # by a hash of its bytes (reads every file on each run).
+    hash_media: bool = False
     batch_size: int = option(64, minimum=1)
     shuffle_buffer: int = 2048
     cache: bool = True
