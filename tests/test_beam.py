@@ -111,3 +111,40 @@ def test_beam_converter_fails_listing_bad_records_and_writes_no_dataset(planted_
     error = capsys.readouterr().err
     assert "7 problems" in error and "id=bad_wav audio:" in error and "id=bad_two split:" in error
     assert not (out / "metadata.json").exists() and not list(out.glob("*.tfrecord"))
+
+
+def test_beam_batch_prediction_equals_the_in_process_path(tmp_path):
+    import serving_helpers as helpers
+
+    from multimodal_tf.cli import serving as serving_cli
+
+    helpers.make_test_savedmodel(tmp_path / "models", "m", 1)
+    inputs = helpers.make_inputs(7, seed=4)
+    rows = [["id", "image", "text", "audio", "label"]]
+    for i in range(7):
+        (tmp_path / f"{i}.png").write_bytes(inputs["image"][i])
+        (tmp_path / f"{i}.wav").write_bytes(inputs["audio"][i])
+        rows.append([f"r{i}", f"{i}.png", inputs["text"][i].decode(), f"{i}.wav" if i % 3 else "", "cat"])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows.append(["bad", "bad.png", "", "", "dog"])
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    outputs = {}
+    for runner in ("local", "beam"):
+        outputs[runner] = tmp_path / f"{runner}.csv"
+        argv = [
+            "predict",
+            "--saved-model",
+            str(tmp_path / "models" / "m"),
+            "--manifest",
+            str(tmp_path / "m.csv"),
+        ]
+        argv += ["--output", str(outputs[runner]), "--batch-size", "3", "--runner", runner]
+        argv += ["--beam-option=--runner=FnApiRunner"] if runner == "beam" else []
+        assert cli.main(argv) == 1  # the bad row failed, the others did not
+    local, on_beam = (outputs[r].read_bytes().splitlines(keepends=True) for r in ("local", "beam"))
+    assert on_beam[0] == local[0] and sorted(on_beam[1:]) == sorted(local[1:])  # byte for byte
+    local = list(csv.reader(open(outputs["local"], newline="")))
+    errors = {row[0]: row[-1] for row in local[1:]}
+    assert len(errors) == 8 and "not a PNG" in errors.pop("bad") and not any(errors.values())
+    assert serving_cli.prediction_header(True, None, 3)[-1] == "error"
