@@ -128,7 +128,10 @@ class DataConfig(Checked):
     hash_media: bool = False
     batch_size: int = option(64, minimum=1)
     shuffle_buffer: int = 2048
+    # Keep preprocessed examples after the first epoch: in memory when a
+    # split's features fit cache_memory_mb, else in a temporary file.
     cache: bool = True
+    cache_memory_mb: int = option(2048, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

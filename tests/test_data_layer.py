@@ -258,3 +258,18 @@ def test_shards_are_written_round_robin_from_a_stream(tmp_path):
         b"example 5",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == names  # no temporary file left
+
+
+def test_features_over_the_memory_budget_are_cached_on_disk(synth_manifest, tmp_path, monkeypatch):
+    monkeypatch.setenv(pipeline.FEATURE_CACHE_ENV, str(tmp_path / "features"))
+    (tmp_path / "features").mkdir()
+    data = DataConfig(manifest=str(synth_manifest), tfrecord_dir=str(tmp_path / "t"), batch_size=64)
+    convert.convert(synth_manifest, tmp_path / "t", data, progress=False)
+    epochs = {}
+    for budget in (2048, 0):
+        config = ExperimentConfig(data=dataclasses.replace(data, cache_memory_mb=budget))
+        dataset = pipeline.make_dataset(config, "test", training=False, with_ids=True)
+        epochs[budget] = [[ids.numpy().tolist() for _, _, ids in dataset] for _ in range(2)]
+        files = list((tmp_path / "features").rglob("features*"))
+        assert bool(files) == (budget == 0)  # over budget: a cache file, else none
+    assert epochs[0][0] == epochs[0][1] == epochs[2048][0]

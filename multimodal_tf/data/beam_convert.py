@@ -276,7 +276,9 @@ def _publish(staging, out_dir, label_names, problems, config, source) -> Dataset
     vocabulary = json.loads((staging / "vocabulary.json").read_text())
     shards = {}
     for split in SPLITS:
-        names = sorted(p.name for p in staging.glob(f"{split}-*.tfrecord"))
+        # Beam writes num_shards files even for fewer examples; an empty shard
+        # could leave a multi-worker input pipeline without data (pipeline.shard_files).
+        names = sorted(p.name for p in staging.glob(f"{split}-*.tfrecord") if p.stat().st_size)
         if split not in counts:  # no example: the single-process path writes no shard either
             continue
         for name in names:
