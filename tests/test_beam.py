@@ -51,7 +51,20 @@ def _examples(directory: Path, names: list[str]) -> dict[str, bytes]:
     return examples
 
 
-def test_beam_and_single_process_converters_write_the_same_dataset(planted_manifest, tmp_path):
+def _with_a_val_row(manifest: Path) -> Path:
+    """The manifest with its first row in the val split: held-out train rows then stay in train."""
+    rows = list(csv.reader(open(manifest, encoding="utf-8", errors="surrogateescape")))
+    rows[1][-1] = "val"
+    path = manifest.with_name("with_val.csv")
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("val_split", ["held out of train", "in the manifest"])
+def test_beam_and_single_process_converters_write_the_same_dataset(planted_manifest, tmp_path, val_split):
+    if val_split == "in the manifest":
+        planted_manifest = _with_a_val_row(planted_manifest)
     config = DataConfig(num_shards=3, validation_fraction=0.2)
     local = convert.convert(planted_manifest, tmp_path / "local", config, on_error="skip", progress=False)
     on_beam = beam_convert.convert_with_beam(
@@ -61,6 +74,7 @@ def test_beam_and_single_process_converters_write_the_same_dataset(planted_manif
     assert on_beam.vocabulary == local.vocabulary and len(local.vocabulary) > 40
     assert on_beam.counts == local.counts and on_beam.source == local.source
     assert set(on_beam.shards) == set(local.shards) == {"train", "val", "test"}
+    assert (local.counts["val"]["examples"] == 1) == (val_split == "in the manifest")
     for split in local.shards:
         expected = _examples(tmp_path / "local", local.shards[split])
         got = _examples(tmp_path / "beam", on_beam.shards[split])

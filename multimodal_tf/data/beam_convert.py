@@ -27,6 +27,7 @@ DirectRunner first tries the Prism runner, which downloads a binary.
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import os
 import shutil
@@ -41,10 +42,15 @@ from multimodal_tf.config import DataConfig
 from multimodal_tf.data import convert as convert_lib
 from multimodal_tf.data import manifest as manifest_lib
 from multimodal_tf.data import text as text_lib
-from multimodal_tf.data.metadata import DatasetMetadata
+from multimodal_tf.data.metadata import METADATA_FILE, DatasetMetadata
 from multimodal_tf.data.validate import Problem, check_record
 
 SPLITS = (manifest_lib.TRAIN, manifest_lib.VAL, manifest_lib.TEST)
+# Train records whose id hash puts them in the held-out share: val when no
+# good record has a val split, else train. Whether one has is known only at
+# the end, so they are written and counted apart and the launcher names them.
+HELD_OUT = "held_out"
+GROUPS = (manifest_lib.TRAIN, HELD_OUT, manifest_lib.VAL, manifest_lib.TEST)
 DEAD_LETTER = "dead_letter"
 STAGING = ".beam-staging"
 
@@ -62,8 +68,7 @@ def local_options(num_workers: int = 0) -> list[str]:
 class Encoded(NamedTuple):
     """A good record after conversion."""
 
-    record_id: str
-    split: str  # the manifest's split (data/convert.split_of may move train to val)
+    group: str  # one of GROUPS
     label: int
     present: tuple[bool, bool, bool]  # image, text, audio
     text: str
@@ -76,6 +81,13 @@ class EncodeRecord(beam.DoFn):
     def __init__(self, label_names: list[str], config: DataConfig):
         self.label_names, self.config = label_names, config
 
+    def _group(self, record) -> str:
+        split = manifest_lib.SPLIT_ALIASES[record.split]
+        held_out = split == manifest_lib.TRAIN and convert_lib.split_of_train(
+            record.id, False, self.config.validation_fraction
+        )
+        return HELD_OUT if held_out == manifest_lib.VAL else split
+
     def process(self, record):
         problems = check_record(record, self.label_names, self.config)
         if problems:
@@ -86,8 +98,7 @@ class EncodeRecord(beam.DoFn):
         label = manifest_lib.label_id(record, self.label_names)
         example = convert_lib.make_example(record, label, self.config)
         yield Encoded(
-            record_id=record.id,
-            split=manifest_lib.SPLIT_ALIASES[record.split],
+            group=self._group(record),
             label=label,
             present=(bool(record.image), bool(record.text), bool(record.audio)),
             text=record.text.decode("utf-8"),
@@ -95,11 +106,22 @@ class EncodeRecord(beam.DoFn):
         )
 
 
-class VocabularyFn(beam.CombineFn):
-    """Train texts -> WordPiece vocabulary; the accumulator is (word counts, texts not yet counted).
+class WordCounts:
+    """``VocabularyFn``'s accumulator: word counts and texts not yet counted, per group."""
 
-    Texts are counted in blocks of ``BLOCK`` (one tokenizer call each) rather
-    than one at a time.
+    def __init__(self):
+        self.counts = {manifest_lib.TRAIN: collections.Counter(), HELD_OUT: collections.Counter()}
+        self.pending: dict[str, list[str]] = {manifest_lib.TRAIN: [], HELD_OUT: []}
+        self.has_val = False
+
+
+class VocabularyFn(beam.CombineFn):
+    """(group, text) of every good record -> the WordPiece vocabulary of the train split.
+
+    The learner needs the whole train split's word counts, so that is what
+    accumulates: counts of the train and held-out groups apart, and whether
+    a val record exists, which decides whether the held-out group is train.
+    Texts are counted in blocks of ``BLOCK`` (one tokenizer call each).
     """
 
     BLOCK = 1024
@@ -107,28 +129,40 @@ class VocabularyFn(beam.CombineFn):
     def __init__(self, config: DataConfig):
         self.config = config
 
-    def create_accumulator(self):
-        return collections.Counter(), []
+    def create_accumulator(self) -> WordCounts:
+        return WordCounts()
 
-    def add_input(self, accumulator, text: str):
-        counts, pending = accumulator
-        pending.append(text)
-        if len(pending) >= self.BLOCK:
-            counts.update(text_lib.count_words(pending, self.config.text))
-            pending.clear()
-        return counts, pending
+    def _count(self, accumulator: WordCounts, group: str, at_least: int = 1) -> None:
+        if len(accumulator.pending[group]) >= at_least:
+            counted = text_lib.count_words(accumulator.pending[group], self.config.text)
+            accumulator.counts[group].update(counted)
+            accumulator.pending[group] = []
 
-    def merge_accumulators(self, accumulators):
-        total, pending = collections.Counter(), []
-        for counts, texts in accumulators:
-            total.update(counts)
-            pending.extend(texts)
-        return self.add_input((total, pending[1:]), pending[0]) if pending else (total, [])
+    def add_input(self, accumulator: WordCounts, element) -> WordCounts:
+        group, text = element
+        accumulator.has_val |= group == manifest_lib.VAL
+        if group in accumulator.pending:
+            accumulator.pending[group].append(text)
+            self._count(accumulator, group, self.BLOCK)
+        return accumulator
 
-    def extract_output(self, accumulator):
-        counts, pending = accumulator
-        counts = counts + text_lib.count_words(pending, self.config.text)
-        return text_lib.vocabulary_from_counts(counts, self.config.text)
+    def merge_accumulators(self, accumulators) -> WordCounts:
+        total = WordCounts()
+        for accumulator in accumulators:
+            total.has_val |= accumulator.has_val
+            for group in total.counts:
+                total.counts[group].update(accumulator.counts[group])
+                total.pending[group].extend(accumulator.pending[group])
+                self._count(total, group, self.BLOCK)
+        return total
+
+    def extract_output(self, accumulator: WordCounts) -> list[str]:
+        for group in accumulator.counts:
+            self._count(accumulator, group)
+        total = accumulator.counts[manifest_lib.TRAIN]
+        if accumulator.has_val:  # the held-out group stays in train
+            total = total + accumulator.counts[HELD_OUT]
+        return text_lib.vocabulary_from_counts(total, self.config.text)
 
 
 class SplitCountsFn(beam.CombineFn):
@@ -142,7 +176,7 @@ class SplitCountsFn(beam.CombineFn):
 
     def add_input(self, accumulator, encoded: Encoded):
         info = accumulator.setdefault(
-            encoded.split,
+            encoded.group,
             {
                 "examples": 0,
                 "labels": dict.fromkeys(self.label_names, 0),
@@ -160,7 +194,7 @@ class SplitCountsFn(beam.CombineFn):
         for accumulator in accumulators:
             for split, info in accumulator.items():
                 if split not in total:
-                    total[split] = json.loads(json.dumps(info))
+                    total[split] = copy.deepcopy(info)
                     continue
                 total[split]["examples"] += info["examples"]
                 for key in ("labels", "present"):
@@ -180,45 +214,32 @@ def _write_json(pcollection, out_dir: Path, name: str, label: str):
     )
 
 
-def _assign_split(encoded: Encoded, has_val: bool, fraction: float) -> Encoded:
-    if encoded.split != manifest_lib.TRAIN or has_val:
-        return encoded
-    return encoded._replace(split=convert_lib.split_of_train(encoded.record_id, has_val, fraction))
-
-
 def build_pipeline(pipeline, records, label_names, config: DataConfig, staging: Path):
-    """Adds the conversion's transforms to ``pipeline``; outputs land in ``staging``."""
+    """Adds the conversion's transforms to ``pipeline``; outputs land in ``staging``.
+
+    No step waits for a global result before writing (no side input, and
+    runner-chosen shards: a fixed shard count would group every example by
+    shard first), so a local run streams rather than holding the dataset.
+    """
     rows = pipeline | "Rows" >> beam.Create(records)
     encoded = rows | "Encode" >> beam.ParDo(EncodeRecord(label_names, config)).with_outputs(
         DEAD_LETTER, main="good"
     )
     problems = encoded[DEAD_LETTER] | "Problems" >> beam.FlatMap(lambda found: found)
     _write_json(problems, staging, DEAD_LETTER + ".jsonl", "DeadLetter")
-    # As in the single-process path, train rows are held out as val only when
-    # no good record is in a val split: a global fact, hence a side input.
-    has_val = (
-        encoded.good
-        | "IsVal" >> beam.Map(lambda e: e.split == manifest_lib.VAL)
-        | "HasVal" >> beam.CombineGlobally(any)
-    )
-    good = encoded.good | "AssignSplit" >> beam.Map(
-        _assign_split, beam.pvalue.AsSingleton(has_val), config.validation_fraction
-    )
-    by_split = good | "BySplit" >> beam.Partition(lambda e, _: SPLITS.index(e.split), len(SPLITS))
-    for split, part in zip(SPLITS, by_split, strict=False):
+    good = encoded.good
+    by_group = good | "ByGroup" >> beam.Partition(lambda e, _: GROUPS.index(e.group), len(GROUPS))
+    for group, part in zip(GROUPS, by_group, strict=True):
         _ = (
             part
-            | f"Serialized{split}" >> beam.Map(lambda e: e.serialized)
-            | f"Write{split}"
-            >> beam.io.WriteToTFRecord(
-                str(staging / split), file_name_suffix=".tfrecord", num_shards=config.num_shards
-            )
+            | f"Serialized_{group}" >> beam.Map(lambda e: e.serialized)
+            | f"Write_{group}" >> beam.io.WriteToTFRecord(str(staging / group), file_name_suffix=".tfrecord")
         )
     counts = good | "Counts" >> beam.CombineGlobally(SplitCountsFn(label_names))
     _write_json(counts, staging, "counts.json", "Counts")
     vocabulary = (
-        by_split[SPLITS.index(manifest_lib.TRAIN)]
-        | "TrainTexts" >> beam.Map(lambda e: e.text)
+        good
+        | "GroupTexts" >> beam.Map(lambda e: (e.group, e.text))
         | "Vocabulary" >> beam.CombineGlobally(VocabularyFn(config))
     )
     _write_json(vocabulary, staging, "vocabulary.json", "Vocabulary")
@@ -270,21 +291,25 @@ def convert_with_beam(
 
 
 def _publish(staging, out_dir, label_names, problems, config, source) -> DatasetMetadata:
-    """Moves the shards out of ``staging`` and writes the metadata last."""
-    (out_dir / "metadata.json").unlink(missing_ok=True)  # stale until rewritten
-    counts = json.loads((staging / "counts.json").read_text() or "{}")
+    """Names the held-out group, moves the shards out of ``staging``, writes the metadata last."""
+    (out_dir / METADATA_FILE).unlink(missing_ok=True)  # stale until rewritten
+    by_group = json.loads((staging / "counts.json").read_text() or "{}")
     vocabulary = json.loads((staging / "vocabulary.json").read_text())
-    shards = {}
+    held_out_to = manifest_lib.TRAIN if manifest_lib.VAL in by_group else manifest_lib.VAL
+    merge = SplitCountsFn(label_names).merge_accumulators
+    counts, shards = {}, {}
     for split in SPLITS:
-        # Beam writes num_shards files even for fewer examples; an empty shard
-        # could leave a multi-worker input pipeline without data (pipeline.shard_files).
-        names = sorted(p.name for p in staging.glob(f"{split}-*.tfrecord") if p.stat().st_size)
-        if split not in counts:  # no example: the single-process path writes no shard either
+        groups = [split] + ([HELD_OUT] if split == held_out_to else [])
+        present = [g for g in groups if g in by_group]
+        if not present:  # no example: the single-process path writes no shard either
             continue
-        for name in names:
-            os.replace(staging / name, out_dir / name)
-        shards[split] = names
-    counts = {split: counts[split] for split in SPLITS if split in counts}
+        counts[split] = merge([{split: by_group[g]} for g in present])[split]
+        # Beam may write an empty shard; one could leave a multi-worker input
+        # pipeline without data (pipeline.shard_files).
+        files = [p for g in groups for p in sorted(staging.glob(f"{g}-*.tfrecord")) if p.stat().st_size]
+        shards[split] = [f"{split}-{i:05d}-of-{len(files):05d}.tfrecord" for i in range(len(files))]
+        for path, name in zip(files, shards[split], strict=True):
+            os.replace(path, out_dir / name)
     counts["skipped"] = sorted({p.record_id for p in problems})
     convert_lib.write_dead_letter(out_dir, problems)
     shutil.rmtree(staging)
