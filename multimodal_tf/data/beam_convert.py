@@ -3,14 +3,15 @@
 The pipeline (manifest rows -> validate, decode, resample -> ``tf.Example``
 -> sharded ``WriteToTFRecord``) writes the dataset the single-process
 converter writes (data/convert.py): the same examples, features, counts and
-vocabulary; only which shard holds an example differs. Bad records go to a
-dead-letter output (``dead_letter.jsonl``: id, row, field, reason).
+vocabulary; only the shards differ (the runner picks how many). Bad records
+go to a dead-letter output (``dead_letter.jsonl``: id, row, field, reason).
 
 What runs where:
 
 - The launcher parses the manifest CSV (rows only, no media) to know the
-  class names and whether a val split exists; every media read, decode,
-  resample and serialization runs on the workers.
+  class names; every media read, decode, resample and serialization runs on
+  the workers. Whether a good val record exists (which decides where
+  held-out train rows go) is known only at the end: see ``HELD_OUT``.
 - The vocabulary is a combine: workers count the words of their train texts
   (``text.count_words``), partial counts add up, and the WordPiece learner
   runs once on the total (``text.vocabulary_from_counts``) — the learner
