@@ -29,6 +29,7 @@ from multimodal_tf.typed_config import (  # noqa: F401  (ConfigError, from_dict,
     Checked,
     ConfigError,
     ConfigFieldError,
+    MissingFileError,
     OneOf,
     default_family,
     family_config,
@@ -123,6 +124,10 @@ class DataConfig(Checked):
     # Share of the train split held out as "val" when the manifest has no
     # val/validation split (chosen by a hash of the id, so it is stable).
     validation_fraction: float = 0.1
+    # How those examples are chosen: "hash" (each by its id's hash) or
+    # "stratified" (per class, the same share of each class, picked by id
+    # hash): small or skewed sets then get every class in validation.
+    validation_split: str = option("hash", choices=("hash", "stratified"))
     # The conversion cache key covers every media file by size + mtime; true:
     # by a hash of its bytes (reads every file on each run).
     hash_media: bool = False
@@ -268,6 +273,10 @@ class TrainConfig(Checked):
     backup_dir: str = ""  # BackupAndRestore dir; empty: <output_dir>/backup
     scale_learning_rate: bool = False  # multiply LR by the number of replicas
     verbose: int = 1
+    # "temperature": after training, one temperature fitted on the val split
+    # (min NLL) scales the logits of the best weights; evaluation and every
+    # export then return calibrated probabilities (calibration.py).
+    calibration: str = option("none", choices=("none", "temperature"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +360,8 @@ def load(
         try:
             layered = merge(merged, loaded, ExperimentConfig, strict)
             from_dict(ExperimentConfig, layered)
+        except MissingFileError:
+            pass  # checked on the resolved config below: a later layer may name another file
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
         merged = layered

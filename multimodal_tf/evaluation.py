@@ -8,11 +8,19 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from multimodal_tf.calibration import (
+    NUM_BINS,
+    expected_calibration_error,
+    plot_reliability_diagram,
+    reliability_bins,
+)
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.data import features
 from multimodal_tf.data.pipeline import make_dataset
-from multimodal_tf.models import OUTPUT_NAME, EnsembleModel
-from multimodal_tf.run_dir import load_trained_model
+from multimodal_tf.models import OUTPUT_NAME, UNCALIBRATED_NAME, EnsembleModel
+from multimodal_tf.robustness import RobustnessOptions, robustness_report
+from multimodal_tf.robustness import to_markdown as robustness_markdown
+from multimodal_tf.run_dir import CALIBRATION_FILE, load_trained_model
 
 
 def predict_split(model, config, metadata, split: str, drop: tuple[str, ...] = ()):
@@ -38,7 +46,12 @@ def predict_split(model, config, metadata, split: str, drop: tuple[str, ...] = (
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class P/R/F1, one-vs-rest ROC-AUC and log loss."""
+    """Accuracy, macro-F1, per-class P/R/F1, one-vs-rest ROC-AUC, log loss and ECE.
+
+    ``ece``: the top-label expected calibration error over NUM_BINS
+    equal-width confidence bins (Guo et al., 2017), with the bins in
+    ``reliability``.
+    """
     k = len(label_names)
     predictions = probabilities.argmax(-1)
     classes = list(range(k))
@@ -54,6 +67,8 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, label_
             skm.f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)
         ),
         "log_loss": float(skm.log_loss(labels, clipped, labels=classes)),
+        "ece": expected_calibration_error(probabilities, labels),
+        "reliability": reliability_bins(probabilities, labels),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(label_names, precision, recall, f1, support, strict=False)
@@ -104,6 +119,8 @@ def _plots(probabilities, labels, label_names, out_dir: Path) -> dict[str, str]:
     fig.savefig(out_dir / "roc_pr_curves.png", dpi=100)
     plt.close(fig)
     paths["roc_pr_curves"] = "roc_pr_curves.png"
+    plot_reliability_diagram(probabilities, labels, out_dir / "reliability_diagram.png")
+    paths["reliability_diagram"] = "reliability_diagram.png"
     return paths
 
 
@@ -128,7 +145,9 @@ def ensemble_members(model: EnsembleModel, config, metadata, split: str) -> list
     averaging layer) are stacked into [B, members, K], so each example is
     decoded and preprocessed once, not once per member.
     """
-    stacked = keras.Model(model.inputs, tf.stack(model.get_layer(OUTPUT_NAME).input, axis=1))
+    names = [layer.name for layer in model.layers]
+    average = model.get_layer(UNCALIBRATED_NAME if UNCALIBRATED_NAME in names else OUTPUT_NAME)
+    stacked = keras.Model(model.inputs, tf.stack(average.input, axis=1))
     probabilities, labels, _ = predict_split(stacked, config, metadata, split)
     rows = []
     for k, member in enumerate(model.members):
@@ -149,9 +168,16 @@ def _comparison_row(run_dir, config, metrics: dict) -> dict:
 
 
 def evaluate(
-    run_dir: str | Path, split: str = "test", compare: tuple[str, ...] = (), ablation: bool = True
+    run_dir: str | Path,
+    split: str = "test",
+    compare: tuple[str, ...] = (),
+    ablation: bool = True,
+    robustness: RobustnessOptions | None = None,
 ) -> dict:
-    """Evaluates a run on ``split``; writes report.json, report.md and plots."""
+    """Evaluates a run on ``split``; writes report.json, report.md and plots.
+
+    ``robustness`` adds the degraded-input curves (``multimodal_tf.robustness``).
+    """
     run_dir = Path(run_dir)
     config, metadata, model = load_trained_model(run_dir)
     if split not in metadata.shards:
@@ -170,8 +196,12 @@ def evaluate(
         k: f"eval_{split}/{v}"
         for k, v in _plots(probabilities, labels, metadata.label_names, out_dir).items()
     }
+    if (run_dir / CALIBRATION_FILE).exists():  # train.calibration: temperature
+        report["calibration"] = json.loads((run_dir / CALIBRATION_FILE).read_text())
     if ablation:
         report["ablation"] = modality_ablation(model, config, metadata, split)
+    if robustness is not None:
+        report["robustness"] = robustness_report(model, config, metadata, split, out_dir, robustness)
     if isinstance(model, EnsembleModel):
         report["members"] = ensemble_members(model, config, metadata, split)
     report["comparison"] = [_comparison_row(run_dir, config, report["metrics"])]
@@ -203,6 +233,16 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
         f"| macro-F1 | {m['macro_f1']:.4f} |",
         f"| ROC-AUC (one-vs-rest) | {auc} |",
         f"| log loss | {m['log_loss']:.4f} |",
+        f"| ECE ({NUM_BINS} bins, top label) | {m['ece']:.4f} |",
+    ]
+    if report.get("calibration"):
+        c = report["calibration"]
+        lines += [
+            "",
+            f"Temperature scaling: T = {c['temperature']:.4f}, fitted on {c['split']} "
+            f"(ECE there {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}).",
+        ]
+    lines += [
         "",
         "## Per class",
         "",
@@ -233,6 +273,8 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
             f"| {r['run']} | {', '.join(r['modalities'])} | {r['fusion']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |"
             for r in report["comparison"]
         ]
+    if report.get("robustness"):
+        lines += robustness_markdown(report["robustness"])
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({path})" for name, path in report["plots"].items()]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from multimodal_tf.calibration import TemperatureScaling
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import HEAD_TYPES, MODALITIES, EncoderConfig, ExperimentConfig, ModelConfig
 from multimodal_tf.data import features
@@ -17,6 +18,8 @@ from multimodal_tf.fusion import build_fusion
 from multimodal_tf.registry import ENCODERS
 
 OUTPUT_NAME = "probabilities"
+# The layer before a TemperatureScaling output (train.calibration: temperature).
+UNCALIBRATED_NAME = "uncalibrated"
 
 
 @keras.utils.register_keras_serializable(package="multimodal_tf")
@@ -133,8 +136,9 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
     if size < 1:
         raise ValueError(f"model.ensemble_size must be >= 1, got {size}")
     seed = config.train.seed
+    calibrated = config.train.calibration == "temperature"
     if size == 1:
-        return _build_classifier(config, num_classes, vocab_size, seed, "multimodal_classifier")
+        return _build_classifier(config, num_classes, vocab_size, seed, "multimodal_classifier", calibrated)
     # Each member draws its own initial weights from the seeded global
     # generator; modality dropout gets its own op seeds (one seed in two ops
     # would hide the same modalities in every member).
@@ -145,7 +149,11 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
         for k in range(size)
     ]
     inputs = _model_inputs(config)
-    outputs = keras.layers.Average(dtype="float32", name=OUTPUT_NAME)([member(inputs) for member in members])
+    average = keras.layers.Average(dtype="float32", name=UNCALIBRATED_NAME if calibrated else OUTPUT_NAME)
+    outputs = average([member(inputs) for member in members])
+    if calibrated:  # one temperature for the average, on its log-probabilities
+        activation = output_units(config.model.head.type, num_classes)[1]
+        outputs = TemperatureScaling(activation, from_logits=False, name=OUTPUT_NAME)(outputs)
     return EnsembleModel(inputs=inputs, outputs=outputs, name="multimodal_ensemble")
 
 
@@ -193,9 +201,18 @@ def _model_inputs(config: ExperimentConfig) -> dict:
 
 
 def _build_classifier(
-    config: ExperimentConfig, num_classes: int, vocab_size: int, seed: int | None, name: str
+    config: ExperimentConfig,
+    num_classes: int,
+    vocab_size: int,
+    seed: int | None,
+    name: str,
+    calibrated: bool = False,
 ) -> keras.Model:
-    """One classifier (encoders, modality dropout, fusion, head) named ``name``."""
+    """One classifier (encoders, modality dropout, fusion, head) named ``name``.
+
+    ``calibrated``: the output is a TemperatureScaling layer on the head's
+    logits (or on a probability-producing fusion's output).
+    """
     model_config = config.model
     modalities = check_modalities(model_config.modalities)
     num_outputs, activation = output_units(model_config.head.type, num_classes)
@@ -229,10 +246,18 @@ def _build_classifier(
         # float32 so that the probabilities (and the loss) stay float32 under
         # a mixed-precision policy.
         output_layer = keras.layers.Dense(
-            num_outputs, activation=activation, dtype="float32", name=OUTPUT_NAME
+            num_outputs,
+            activation=None if calibrated else activation,
+            dtype="float32",
+            name=UNCALIBRATED_NAME if calibrated else OUTPUT_NAME,
         )
     else:
-        output_layer = keras.layers.Activation("linear", dtype="float32", name=OUTPUT_NAME)
+        output_name = UNCALIBRATED_NAME if calibrated else OUTPUT_NAME
+        output_layer = keras.layers.Activation("linear", dtype="float32", name=output_name)
+    if calibrated:
+        from_logits = not fusion.produces_probabilities
+        head.append(output_layer)
+        output_layer = TemperatureScaling(activation, from_logits=from_logits, name=OUTPUT_NAME)
 
     # === Functional Model ===
     inputs = _model_inputs(config)

@@ -25,8 +25,9 @@ from multimodal_tf.callbacks import FineTuningSchedule, SwapEMAWeights
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.metadata import DatasetMetadata
-from multimodal_tf.data.pipeline import make_dataset
+from multimodal_tf.data.pipeline import make_dataset, split_texts
 from multimodal_tf.data.text import vocabulary_size
+from multimodal_tf.encoders.tfidf import TextTFIDFEncoder
 from multimodal_tf.models import build_model, labels_for_head, loss_for
 
 
@@ -140,6 +141,7 @@ def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_repli
         model = build_model(
             config, num_classes_of(config, metadata), vocabulary_size(config.data.text, metadata.vocabulary)
         )
+        adapt_encoders(model, config, metadata)
         groups = fine_tuning.learning_rate_groups(config.model, model)
         optimizer = make_optimizer(config, steps_per_epoch(config, metadata), num_replicas, bool(groups))
         if groups:
@@ -157,6 +159,19 @@ def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_repli
     finally:
         keras.mixed_precision.set_global_policy(previous)
     return model
+
+
+def adapt_encoders(model, config: ExperimentConfig, metadata: DatasetMetadata) -> None:
+    """Gives encoders that learn from the data before training (``text/tfidf``) the train split.
+
+    Their learned state (vocabulary, IDF) is in their weights, so a model
+    rebuilt from a checkpoint needs no second pass.
+    """
+    encoders = [layer for layer in model.submodules if isinstance(layer, TextTFIDFEncoder)]
+    if encoders:
+        texts = split_texts(config, "train", metadata)
+        for encoder in encoders:
+            encoder.adapt(texts)
 
 
 def datasets_for(config: ExperimentConfig, metadata: DatasetMetadata, strategy=None):

@@ -3,7 +3,8 @@
 ``mmtf train`` writes, and ``mmtf evaluate`` / ``mmtf export`` read:
 ``config.yaml`` (resolved), ``metadata.json`` (label names, vocabulary),
 ``checkpoints/{best,last}.weights.h5``, ``history.{json,csv}``,
-``learning_curves.png``, ``logs/`` (TensorBoard) and ``metrics.json``.
+``learning_curves.png``, ``logs/`` (TensorBoard), ``metrics.json`` and, with
+``train.calibration: temperature``, ``calibration.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ CONFIG_FILE, METADATA_FILE = "config.yaml", "metadata.json"
 BEST_WEIGHTS, LAST_WEIGHTS = "checkpoints/best.weights.h5", "checkpoints/last.weights.h5"
 HISTORY_JSON, HISTORY_CSV = "history.json", "history.csv"
 CURVES_FILE, LOGS_DIR, METRICS_FILE = "learning_curves.png", "logs", "metrics.json"
+CALIBRATION_FILE = "calibration.json"  # train.calibration: temperature, val NLL/ECE before and after
 
 
 def load_run(run_dir: str | Path) -> tuple[ExperimentConfig, DatasetMetadata]:

@@ -63,6 +63,9 @@ def random_features(config: ExperimentConfig, batch_size: int = 4, seed: int = 0
         shape = (batch_size,) + tuple(spec.shape[1:])
         if name.endswith("_present"):
             out[name] = np.ones(shape, np.float32)
+        elif spec.dtype.name == "string":  # raw text (the text_strings input kind)
+            words = ["red", "blue", "circle", "square", "big", "small"]
+            out[name] = np.array([" ".join(rng.choice(words, 3)) for _ in range(batch_size)], object)
         elif spec.dtype.is_integer:
             out[name] = rng.integers(1, vocab_size, shape).astype(np.int64)
         else:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from multimodal_tf import config as config_lib
 from multimodal_tf import distribute, recipe
 from multimodal_tf import run_dir as run_files
+from multimodal_tf.calibration import calibrate_model
 from multimodal_tf.callbacks import Throughput
 from multimodal_tf.compat import keras
 from multimodal_tf.config import ExperimentConfig
@@ -26,9 +28,14 @@ from multimodal_tf.models import build_model, loss_for
 
 
 def run_callbacks(
-    config: ExperimentConfig, run_dir: Path, batch_size: int, chief: bool, steps_per_epoch: int | None = None
+    config: ExperimentConfig,
+    run_dir: Path,
+    batch_size: int,
+    chief: bool,
+    steps_per_epoch: int | None = None,
+    extra: Sequence = (),
 ) -> list:
-    """The recipe's callbacks with the run directory's checkpoints and logs between them."""
+    """The recipe's callbacks with the run directory's checkpoints and logs (and ``extra``) between them."""
     train = config.train
     # Non-chief workers must still run the callbacks (they take part in the
     # collectives) but write into a throwaway folder.
@@ -49,6 +56,7 @@ def run_callbacks(
         keras.callbacks.CSVLogger(str(out / run_files.HISTORY_CSV)),
         keras.callbacks.TensorBoard(log_dir=str(out / run_files.LOGS_DIR), profile_batch=0),
         keras.callbacks.BackupAndRestore(train.backup_dir or str(run_dir / "backup")),
+        *extra,
     ]
     callbacks = recipe.callbacks_for(config, between=files)
     if distribute.in_cluster():  # per-task epochs and final weights (after EarlyStopping restores)
@@ -87,8 +95,12 @@ def _start_run(config: ExperimentConfig, run_dir: Path) -> None:
     )
 
 
-def train(config: ExperimentConfig, progress: bool = True) -> Path:
-    """Trains one experiment; returns its run directory."""
+def train(config: ExperimentConfig, progress: bool = True, callbacks: Sequence = ()) -> Path:
+    """Trains one experiment; returns its run directory.
+
+    ``callbacks``: more Keras callbacks for ``fit`` (e.g. a time budget's
+    stop, budget.keras_callbacks), after the checkpoints and logs.
+    """
     run_dir = Path(config.train.output_dir)
     if distribute.is_server_task(config.train):
         distribute.run_server()  # ps/worker of a PS cluster: serve until stopped
@@ -117,7 +129,9 @@ def train(config: ExperimentConfig, progress: bool = True) -> Path:
         train_ds,
         validation_data=val_ds,
         epochs=config.train.epochs,
-        callbacks=run_callbacks(config, run_dir, batch_size, chief, fit_steps.get("steps_per_epoch")),
+        callbacks=run_callbacks(
+            config, run_dir, batch_size, chief, fit_steps.get("steps_per_epoch"), callbacks
+        ),
         verbose=verbose,
         **fit_steps,
     )
@@ -135,7 +149,20 @@ def _finish_run(config, model, metadata, history, run_dir: Path) -> None:
     model.save_weights(str(run_dir / run_files.LAST_WEIGHTS))
     if not (run_dir / run_files.BEST_WEIGHTS).exists():
         model.save_weights(str(run_dir / run_files.BEST_WEIGHTS))
-    _write_final_metrics(config, model, metadata, run_dir)
+    calibration = None
+    if config.train.calibration == "temperature":
+        # The temperature belongs to the weights that are evaluated and
+        # exported: the best ones, which are then written back with it.
+        model.load_weights(str(run_dir / run_files.BEST_WEIGHTS))
+        calibration = calibrate_model(model, config, metadata)
+        model.save_weights(str(run_dir / run_files.BEST_WEIGHTS))
+        (run_dir / run_files.CALIBRATION_FILE).write_text(json.dumps(calibration, indent=1))
+        if config.train.verbose:
+            print(
+                f"temperature {calibration['temperature']:.4f} (val ECE {calibration['before']['ece']:.4f}"
+                f" -> {calibration['after']['ece']:.4f})"
+            )
+    _write_final_metrics(config, model, metadata, run_dir, calibration)
 
 
 def _local_copy(model, config: ExperimentConfig, metadata):
@@ -158,8 +185,8 @@ def _local_copy(model, config: ExperimentConfig, metadata):
     return local
 
 
-def _write_final_metrics(config, model, metadata, run_dir: Path) -> None:
-    """Loss/accuracy of the restored (best) weights on val and test."""
+def _write_final_metrics(config, model, metadata, run_dir: Path, calibration: dict | None = None) -> None:
+    """Loss/accuracy of the restored (best) weights on val and test (and the calibration)."""
     num_classes = recipe.num_classes_of(config, metadata)
     results = {}
     for split in ("val", "test"):
@@ -169,6 +196,8 @@ def _write_final_metrics(config, model, metadata, run_dir: Path) -> None:
             )
             values = model.evaluate(ds, verbose=0, return_dict=True)
             results[split] = {k: float(v) for k, v in values.items()}
+    if calibration:
+        results["calibration"] = calibration
     (run_dir / run_files.METRICS_FILE).write_text(json.dumps(results, indent=1))
     if config.train.verbose:
         for split, values in results.items():

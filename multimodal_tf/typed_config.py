@@ -32,6 +32,15 @@ class ConfigFieldError(ConfigError):
         self.reason = reason
 
 
+class MissingFileError(ConfigFieldError):
+    """A field names a local file or folder that does not exist.
+
+    ``config.load`` checks it on the resolved config only: a later layer (a
+    second ``--config`` file or a ``--set``) may point the field at a file
+    that does exist, as an overlay of tiny stand-in checkpoints does.
+    """
+
+
 def option(default: Any, *, choices: tuple = (), minimum: float | None = None) -> Any:
     """A dataclass field whose value is checked when the config is built.
 
@@ -176,7 +185,10 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     try:
         return cls(**kwargs)
     except ConfigFieldError as e:
-        raise ConfigError(f"{path + '.' if path else ''}{e.key}: {e.reason}") from None
+        key = f"{path + '.' if path else ''}{e.key}"
+        if isinstance(e, MissingFileError):  # keeps its type, so ``config.load`` can tell it apart
+            raise MissingFileError(key, e.reason) from None
+        raise ConfigError(f"{key}: {e.reason}") from None
 
 
 def _unknown_key_message(cls: type, key_path: str) -> str:

@@ -217,8 +217,11 @@ def export_untrained_model(directory: str | Path, *overrides: str) -> ServingMod
     keras.utils.set_random_seed(0)
     vocab_size = text.vocabulary_size(config.data.text, VOCABULARY)
     model = models.build_model(config, num_classes=len(CLASS_NAMES), vocab_size=vocab_size)
-    preprocessor = Preprocessor(config.data, VOCABULARY, config.model.modalities)
-    specs = features.model_feature_specs(config.data, preprocessor.modalities)
+    # The model config, not its modality names: its encoders decide each
+    # input kind (text/bert reads its checkpoint's vocabulary, audio/saved_model
+    # takes waveforms).
+    preprocessor = Preprocessor(config.data, VOCABULARY, config.model)
+    specs = features.model_feature_specs(config.data, config.model)
     module = ServingModule(model, preprocessor, CLASS_NAMES, config.model.head.type, specs)
     module.save(directory)
     return module

@@ -127,6 +127,14 @@ def test_beam_converter_fails_listing_bad_records_and_writes_no_dataset(planted_
     assert not (out / "metadata.json").exists() and not list(out.glob("*.tfrecord"))
 
 
+def test_beam_refuses_a_stratified_hold_out_by_name(planted_manifest, tmp_path):
+    from multimodal_tf.data import beam_convert
+
+    config = DataConfig(validation_split="stratified")
+    with pytest.raises(convert.ConversionError, match="data.validation_split: 'stratified'"):
+        beam_convert.convert_with_beam(planted_manifest, tmp_path / "out", config)
+
+
 def test_beam_batch_prediction_equals_the_in_process_path(tmp_path):
     import serving_helpers as helpers
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from multimodal_tf import config as config_lib
 from multimodal_tf import distribute, launch
 from multimodal_tf.compat import keras
 from multimodal_tf.data.cache import prepare_data
@@ -20,6 +21,7 @@ from multimodal_tf.models import build_model, loss_for
 from multimodal_tf.recipe import supervised_dataset
 from multimodal_tf.run_dir import LAST_WEIGHTS, load_trained_model
 from multimodal_tf.testing import TINY_OVERRIDES, tiny_config
+from multimodal_tf.testing_pretrained import tiny_pretrained_overrides, write_tiny_pretrained
 from tests.conftest import one_val_example_manifest
 
 # Image only and 10 steps an epoch keep the multi-process runs short on two
@@ -176,6 +178,42 @@ def test_two_worker_multi_worker_run_ends_with_identical_weights(multi_worker_ru
     _, _, model = load_trained_model(multi_worker_run, LAST_WEIGHTS)
     assert distribute.weights_checksum(model.get_weights()) == summaries["worker-0"]["weights_sha256"]
     assert not list((multi_worker_run / ".worker_tmp_1").rglob("*.h5"))  # worker 1 wrote no checkpoint
+
+
+@pytest.mark.slow
+def test_two_workers_train_bert_and_an_audio_saved_model_through_cross_attention_to_identical_weights(
+    synth_manifest, tmp_path
+):
+    """text/bert (fine-tuned) and audio/saved_model (a YAMNet-interface SavedModel) feed their
+    tokens and frames to the cross_attention fusion under MultiWorkerMirroredStrategy."""
+    paths = write_tiny_pretrained(tmp_path / "pretrained")
+    prepare_data(tiny_config(f"data.manifest={synth_manifest}").data, progress=False)
+    run_dir = tmp_path / "run"
+    config = tiny_config(
+        f"data.manifest={synth_manifest}",
+        f"train.output_dir={run_dir}",
+        *CLUSTER_OVERRIDES,
+        *tiny_pretrained_overrides(paths),
+        "model.modalities=[text,audio]",
+        "train.epochs=1",
+        "train.strategy=multi_worker",
+    )
+    # The resolved config as one --config file: text/bert takes none of the
+    # tiny LSTM sizes that train_command's --set flags would carry.
+    config_lib.save(config, tmp_path / "config.yaml")
+    command = ["mmtf", "train", "--config", str(tmp_path / "config.yaml")]
+    code = launch.launch(
+        command, workers=2, log_dir=tmp_path / "logs", timeout=LAUNCH_TIMEOUT, echo_chief=False
+    )
+    assert code == 0, (tmp_path / "logs" / "worker-0.log").read_text()[-3000:]
+    summaries = task_summaries(run_dir)
+    assert sorted(summaries) == ["worker-0", "worker-1"]
+    assert summaries["worker-0"]["weights_sha256"] == summaries["worker-1"]["weights_sha256"]
+    _, _, model = load_trained_model(run_dir, LAST_WEIGHTS)
+    assert distribute.weights_checksum(model.get_weights()) == summaries["worker-0"]["weights_sha256"]
+    assert model.get_layer("fusion").__class__.__name__ == "CrossAttentionFusion"
+    history = json.loads((run_dir / "history.json").read_text())
+    assert np.isfinite(history["loss"]).all()
 
 
 @pytest.mark.slow

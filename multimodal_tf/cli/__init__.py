@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from multimodal_tf import runtime
 from multimodal_tf.cli import data, demo, launch, run, serving, tune
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()  # a --time-budget counts from here, TensorFlow's import included
     args = build_parser().parse_args(argv)
+    args.started = started
     if getattr(args, "serves_concurrently", False):
         # Before TensorFlow loads: its oneDNN switch is read once, at import.
         runtime.protect_concurrent_inference()

@@ -7,9 +7,46 @@ from pathlib import Path
 from multimodal_tf.cli.common import add_config_args, load_config
 
 
+def _budget_seconds(args) -> float | None:
+    from multimodal_tf.budget import parse_duration  # noqa: PLC0415  (no TensorFlow)
+
+    return parse_duration(args.time_budget) if args.time_budget else None
+
+
+def cmd_auto_train(args) -> int:
+    """``mmtf train --manifest M.csv`` without ``--config``: infer, train candidates, keep the best."""
+    from multimodal_tf.auto import DEFAULT_BUDGET, auto_train  # noqa: PLC0415
+
+    budget = _budget_seconds(args) or DEFAULT_BUDGET
+    result = auto_train(
+        args.manifest,
+        args.output_dir or "runs/auto",
+        budget,
+        started=getattr(args, "started", None),
+        overrides=tuple(args.set or ()),
+    )
+    for candidate in result.candidates:
+        if candidate.val_loss is None:
+            print(f"  {candidate.name:<14} {candidate.note}")
+        else:
+            print(
+                f"  {candidate.name:<14} val loss {candidate.val_loss:.4f}, "
+                f"val accuracy {candidate.val_accuracy:.4f}{'  <- kept' if candidate.name == result.kept else ''}"
+            )
+    print(f"kept {result.kept} in {result.seconds:.0f} s; candidates: {result.run_dir / 'candidates.md'}")
+    print(f"run directory: {result.run_dir}")
+    return 0
+
+
 def cmd_train(args) -> int:
+    if not args.config and args.manifest:
+        if args.strategy or args.tpu:
+            raise ValueError("--strategy/--tpu need a --config (the automatic run trains on one device)")
+        return cmd_auto_train(args)
+    from multimodal_tf.budget import Deadline, keras_callbacks  # noqa: PLC0415
     from multimodal_tf.training import train  # noqa: PLC0415
 
+    seconds = _budget_seconds(args)
     overrides = []
     if args.manifest:
         overrides.append(f"data.manifest={args.manifest}")
@@ -19,16 +56,29 @@ def cmd_train(args) -> int:
         overrides.append(f"train.strategy={args.strategy}")
     if args.tpu:
         overrides.append(f"train.tpu={args.tpu}")
-    run_dir = train(load_config(args, overrides))
+    config = load_config(args, overrides)
+    deadline = Deadline(seconds, getattr(args, "started", None))
+    callbacks = [keras_callbacks()[0](deadline)] if seconds else []
+    run_dir = train(config, callbacks=callbacks)
     print(f"run directory: {run_dir}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from multimodal_tf.evaluation import evaluate  # noqa: PLC0415
+    from multimodal_tf.robustness import RobustnessOptions  # noqa: PLC0415
 
+    robustness = None
+    if args.robustness or args.degradations or args.robustness_baseline:
+        robustness = RobustnessOptions(
+            tuple(args.degradations or ()), args.robustness_seed, args.robustness_baseline
+        )
     report = evaluate(
-        args.run_dir, split=args.split, compare=tuple(args.compare or ()), ablation=not args.no_ablation
+        args.run_dir,
+        split=args.split,
+        compare=tuple(args.compare or ()),
+        ablation=not args.no_ablation,
+        robustness=robustness,
     )
     m = report["metrics"]
     print(
@@ -36,6 +86,11 @@ def cmd_evaluate(args) -> int:
     )
     for row in report.get("ablation", []):
         print(f"  {row['setting']:<16} accuracy {row['accuracy']:.4f}")
+    for row in report.get("robustness", {}).get("degradations", []):
+        print(
+            f"  {row['name']:<20} relative robustness {row['relative_robustness']:.4f}, "
+            f"effective {row['effective_robustness']:+.4f}"
+        )
     print(f"report: {Path(args.run_dir) / 'report.md'}")
     return 0
 
@@ -56,9 +111,20 @@ def cmd_export(args) -> int:
 
 def add_parsers(subparsers) -> None:
     """Adds ``train``, ``evaluate`` and ``export``."""
-    p = subparsers.add_parser("train", help="train a model from a config")
+    p = subparsers.add_parser(
+        "train", help="train a model from a config, or from a manifest alone (config inferred)"
+    )
     add_config_args(p)
-    p.add_argument("--manifest", help="shortcut for --set data.manifest=...")
+    p.add_argument(
+        "--manifest",
+        help="shortcut for --set data.manifest=...; without --config: infer the config, train "
+        "per-modality and fusion candidates and keep the best on validation (docs/training.md)",
+    )
+    p.add_argument(
+        "--time-budget",
+        help="wall-clock limit, e.g. 90s, 10m, 1h: training stops at the next batch and keeps the best "
+        "weights so far (without --config: bounds the whole automatic run, default 10m)",
+    )
     p.add_argument("--output-dir", help="shortcut for --set train.output_dir=...")
     p.add_argument("--strategy", help="default | mirrored | multi_worker | parameter_server | tpu")
     p.add_argument("--tpu", help="TPU name or 'local' (with --strategy tpu)")
@@ -69,6 +135,21 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--compare", nargs="*", help="other run dirs (e.g. unimodal baselines) for the table")
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument(
+        "--robustness", action="store_true", help="accuracy vs degradation level per modality (MultiBench)"
+    )
+    p.add_argument(
+        "--degradations",
+        nargs="+",
+        metavar="NAME",
+        help="implies --robustness; e.g. image/occlusion text/typos (default: all)",
+    )
+    p.add_argument("--robustness-seed", type=int, default=0, help="seed of the degradations' random draws")
+    p.add_argument(
+        "--robustness-baseline",
+        metavar="RUN",
+        help="implies --robustness; reference run for effective robustness (e.g. late fusion)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("export", help="write a versioned SavedModel for TF Serving")

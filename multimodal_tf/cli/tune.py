@@ -12,12 +12,22 @@ TUNER_CHOICES = ("random", "bayesian", "hyperband")
 
 
 def cmd_tune(args) -> int:
+    from multimodal_tf.budget import parse_duration  # noqa: PLC0415
     from multimodal_tf.tuning import tune  # noqa: PLC0415
 
     extra = [f"data.manifest={args.manifest}"] if args.manifest else []
     if args.search_space:
         args.config = [*(args.config or []), args.search_space]
-    result = tune(load_config(args, extra), args.tuner, args.max_trials, args.directory, args.export_best)
+    budget = parse_duration(args.time_budget) if args.time_budget else None
+    result = tune(
+        load_config(args, extra),
+        args.tuner,
+        args.max_trials,
+        args.directory,
+        args.export_best,
+        time_budget=budget,
+        started=getattr(args, "started", None),
+    )
     if result.role == "worker":
         print(f"tuner worker {os.environ.get('KERASTUNER_TUNER_ID')}: done")
         return 0
@@ -42,5 +52,10 @@ def add_parser(subparsers):
     )
     parser.add_argument("--directory", default="runs/tune", help="results; re-running resumes")
     parser.add_argument("--export-best", action="store_true", help="train the best config and export it")
+    parser.add_argument(
+        "--time-budget",
+        help="wall-clock limit of the search, e.g. 90s, 10m, 1h: the running trial stops at its next "
+        "batch, no new trial starts, the best trial is kept",
+    )
     parser.set_defaults(func=cmd_tune)
     return parser

@@ -268,6 +268,14 @@ def convert_with_beam(
             own); without ``--runner``, ``local_options()`` are added.
     """
     manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    if config.validation_split != "hash":
+        # A stratified hold-out depends on which train records are good,
+        # which each worker learns only for its own records; the per-record
+        # id hash gives every worker the same answer without a second pass.
+        raise convert_lib.ConversionError(
+            f"data.validation_split: {config.validation_split!r} is not available with --runner beam;"
+            " use 'hash', or give the manifest a val split"
+        )
     source = {
         "manifest": str(manifest_path.resolve()),
         "fingerprint": convert_lib.source_fingerprint(manifest_path, config),

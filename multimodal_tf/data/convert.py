@@ -71,6 +71,8 @@ def source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
         "num_shards": config.num_shards,
         "validation_fraction": config.validation_fraction,
     }
+    if config.validation_split != "hash":  # the key of earlier conversions stays the same
+        settings["validation_split"] = config.validation_split
     digest.update(repr(sorted(settings.items())).encode())
     records = manifest_lib.read_manifest(manifest_path, config).records
     digest.update(media_fingerprint(records, content=config.hash_media).encode())
@@ -92,17 +94,34 @@ def split_of_train(record_id: str, has_val: bool, fraction: float) -> str:
     return manifest_lib.VAL if held_out else manifest_lib.TRAIN
 
 
-def split_of(record, has_val: bool, fraction: float) -> str:
-    """The split a good record goes to."""
-    split = manifest_lib.SPLIT_ALIASES[record.split]
-    return split_of_train(record.id, has_val, fraction) if split == manifest_lib.TRAIN else split
+def _stratified_validation(records, fraction: float) -> set[str]:
+    """Ids of ``round(fraction * n_c)`` train records of each class c (by id hash; none of a singleton)."""
+    by_label: dict[str, list] = {}
+    for record in records:
+        by_label.setdefault(record.label, []).append(record)
+    chosen = set()
+    for members in by_label.values():
+        members.sort(key=lambda r: hashlib.md5(r.id.encode()).hexdigest())
+        count = min(len(members) - 1, max(1, round(fraction * len(members)))) if fraction > 0 else 0
+        chosen.update(r.id for r in members[:count])
+    return chosen
 
 
-def _assign_splits(records, fraction: float) -> dict[str, list]:
+def _assign_splits(records, fraction: float, method: str = "hash") -> dict[str, list]:
     has_val = has_val_split(records)
     splits: dict[str, list] = {manifest_lib.TRAIN: [], manifest_lib.VAL: [], manifest_lib.TEST: []}
+    stratified = set()
+    if method == "stratified" and not has_val:
+        train = [r for r in records if manifest_lib.SPLIT_ALIASES[r.split] == manifest_lib.TRAIN]
+        stratified = _stratified_validation(train, fraction)
     for record in records:
-        splits[split_of(record, has_val, fraction)].append(record)
+        split = manifest_lib.SPLIT_ALIASES[record.split]
+        if split == manifest_lib.TRAIN and not has_val:
+            held_out = (
+                record.id in stratified if method == "stratified" else _in_validation(record.id, fraction)
+            )
+            split = manifest_lib.VAL if held_out else split
+        splits[split].append(record)
     return splits
 
 
@@ -236,7 +255,7 @@ def convert(
         raise ConversionError(failure_message(manifest_path, problems))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METADATA_FILE).unlink(missing_ok=True)  # stale until rewritten
-    splits = _assign_splits(good, config.validation_fraction)
+    splits = _assign_splits(good, config.validation_fraction, config.validation_split)
     # A stable shuffle (by id hash) so shards and batches mix labels.
     for records in splits.values():
         records.sort(key=lambda r: hashlib.md5(r.id.encode()).hexdigest())

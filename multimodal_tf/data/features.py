@@ -24,11 +24,14 @@ TOKEN_IDS = "token_ids"  # int64 [B, max_tokens] ids of data.text.tokenizer (0 =
 # int64 [B, max_tokens]: [CLS] ... [SEP] ids of the encoder's own WordPiece
 # vocabulary (a BERT checkpoint's vocab.txt); 0 = [PAD].
 CHECKPOINT_TOKEN_IDS = "checkpoint_token_ids"
+# string [B]: the UTF-8 text itself (cut to data.text's character limit and
+# checked), for encoders that analyse raw text inside the model (text/tfidf).
+TEXT_STRINGS = "text_strings"
 LOG_MEL = "log_mel"  # float32 [B, frames, mel_bins]
 WAVEFORM = "waveform"  # float32 [B, samples] mono at data.audio.sample_rate, in [-1, 1]
 INPUT_KINDS = {
     IMAGE: (PIXELS,),
-    TEXT: (TOKEN_IDS, CHECKPOINT_TOKEN_IDS),
+    TEXT: (TOKEN_IDS, CHECKPOINT_TOKEN_IDS, TEXT_STRINGS),
     AUDIO: (LOG_MEL, WAVEFORM),
 }
 
@@ -99,7 +102,9 @@ def model_feature_specs(config: DataConfig, model: Modalities = MODALITIES) -> d
     if IMAGE in kinds:
         shape = (None, config.image.height, config.image.width, config.image.channels)
         specs[IMAGE] = tf.TensorSpec(shape, tf.float32, name=IMAGE)
-    if TEXT in kinds:  # both kinds are padded id rows
+    if kinds.get(TEXT) == TEXT_STRINGS:
+        specs[TEXT] = tf.TensorSpec((None,), tf.string, name=TEXT)
+    elif TEXT in kinds:  # both id kinds are padded id rows
         specs[TEXT] = tf.TensorSpec((None, config.text.max_tokens), tf.int64, name=TEXT)
     if kinds.get(AUDIO) == LOG_MEL:
         shape = (None, audio_num_frames(config), config.audio.num_mel_bins)

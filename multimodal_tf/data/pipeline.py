@@ -16,6 +16,7 @@ from multimodal_tf.data import features
 from multimodal_tf.data.cache import default_tfrecord_dir
 from multimodal_tf.data.metadata import DatasetMetadata
 from multimodal_tf.data.preprocessing import Preprocessor
+from multimodal_tf.data.text import clean_texts
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Records are parsed and preprocessed in blocks: the STFT and the tokenizer
@@ -86,6 +87,7 @@ def make_dataset(
     batch_size: int | None = None,
     drop_remainder: bool = False,
     with_ids: bool = False,
+    preprocessor: Preprocessor | None = None,
 ) -> tf.data.Dataset:
     """Batched ``(features, label)`` (or ``(features, label, id)``) for one split.
 
@@ -99,6 +101,9 @@ def make_dataset(
         batch_size: global batch size; default ``config.data.batch_size``.
         drop_remainder: static batch shapes (TPU).
         with_ids: also yield the example ids (for prediction files).
+        preprocessor: raw records -> model features (``parse_examples`` and
+            a call); default the config's ``Preprocessor``. The robustness
+            report passes one that degrades the decoded inputs.
     """
     data = config.data
     directory = Path(default_tfrecord_dir(data))
@@ -114,7 +119,7 @@ def make_dataset(
         input_context,
         metadata.counts[split]["examples"],
     )
-    preprocessor = Preprocessor(data, metadata.vocabulary, config.model)
+    preprocessor = preprocessor or Preprocessor(data, metadata.vocabulary, config.model)
 
     def preprocess(serialized):
         raw = preprocessor.parse_examples(serialized)
@@ -141,3 +146,22 @@ def make_dataset(
     if not with_ids:
         dataset = dataset.map(lambda x, y, _: (x, y))
     return dataset.prefetch(AUTOTUNE)
+
+
+def split_texts(config: ExperimentConfig, split: str, metadata: DatasetMetadata | None = None) -> list[bytes]:
+    """Every text of ``split`` (empty: absent) as the model's ``text_strings`` input sees it.
+
+    Reads only the text feature (no image or audio is decoded), cut and
+    checked as :class:`Preprocessor` does.
+    """
+    directory = Path(default_tfrecord_dir(config.data))
+    metadata = metadata or DatasetMetadata.load(directory)
+    if split not in metadata.shards:
+        raise ValueError(f"split {split!r} not in {directory}; have {sorted(metadata.shards)}")
+    spec = {features.TEXT: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    dataset = (
+        tf.data.TFRecordDataset([str(directory / f) for f in metadata.shards[split]])
+        .batch(PREPROCESS_BLOCK)
+        .map(lambda s: clean_texts(tf.io.parse_example(s, spec)[features.TEXT], config.data.text))
+    )
+    return [text for batch in dataset for text in batch.numpy().tolist()]

@@ -14,7 +14,7 @@ from multimodal_tf.config import MODALITIES, DataConfig, ModelConfig
 from multimodal_tf.data import features
 from multimodal_tf.data.audio import preprocess_audio, preprocess_waveforms
 from multimodal_tf.data.image import preprocess_images
-from multimodal_tf.data.text import RESERVED_TOKENS, TextTokenizer
+from multimodal_tf.data.text import RESERVED_TOKENS, TextTokenizer, clean_texts
 
 
 class Preprocessor(tf.Module):
@@ -63,6 +63,8 @@ class Preprocessor(tf.Module):
             with tf.name_scope(modality):
                 if modality == features.IMAGE:
                     value = preprocess_images(encoded, self.config.image)
+                elif self.kinds[modality] == features.TEXT_STRINGS:
+                    value = clean_texts(encoded, self.config.text)
                 elif modality == features.TEXT:
                     value = self.tokenizer(encoded)
                 elif self.kinds[modality] == features.WAVEFORM:

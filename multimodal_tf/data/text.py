@@ -103,6 +103,17 @@ def check_utf8(texts: tf.Tensor) -> tf.Operation:
     return tf.debugging.Assert(tf.reduce_all(tf.equal(clean, texts)), ["text: not valid UTF-8"])
 
 
+def clean_texts(texts: tf.Tensor, config: TextConfig) -> tf.Tensor:
+    """[B] strings cut to ``max_characters`` and checked to be valid UTF-8.
+
+    The cut comes first because the UTF-8 check and normalisation scan the
+    whole text: a 50 MB request then costs no more than a short one.
+    """
+    texts = tf.strings.substr(texts, 0, max_characters(config), unit="UTF8_CHAR")
+    with tf.control_dependencies([check_utf8(texts)]):
+        return tf.identity(texts)
+
+
 class TextTokenizer(tf.Module):
     """Strings -> fixed-length int64 WordPiece ids (0 = padding).
 
@@ -140,10 +151,7 @@ class TextTokenizer(tf.Module):
 
     def __call__(self, texts: tf.Tensor) -> tf.Tensor:
         """[B] UTF-8 strings -> [B, max_tokens] int64 ids (empty string -> zeros)."""
-        # Cut before the UTF-8 check and normalisation, which scan the whole text.
-        texts = tf.strings.substr(texts, 0, max_characters(self.config), unit="UTF8_CHAR")
-        with tf.control_dependencies([check_utf8(texts)]):
-            texts = tf.identity(texts)
+        texts = clean_texts(texts, self.config)
         if self._tokenizer is None:
             ids = self._ngram_ids(texts)
         else:

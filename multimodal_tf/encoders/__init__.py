@@ -1,8 +1,8 @@
 """Modality encoders, registered in ``registry.ENCODERS`` as ``<modality>/<kind>``.
 
 Importing this package registers ``image/cnn``, ``image/keras_application``,
-``image/keras_model`` (backbones.py), ``text/lstm``, ``text/bow``, ``text/bert``,
-``audio/cnn``, ``audio/lstm``, ``audio/stats`` and ``audio/saved_model``, each with its config class
+``image/keras_model`` (keras_application.py, keras_model.py), ``text/lstm``, ``text/bow``, ``text/bert``,
+``text/tfidf``, ``audio/cnn``, ``audio/lstm``, ``audio/stats`` and ``audio/saved_model``, each with its config class
 (``ImageCNNConfig``, ...: the layer's constructor arguments, which are the
 only fields ``model.<modality>_encoder`` accepts for that family). Each
 encoder is a Keras layer mapping one preprocessed modality (see
@@ -27,20 +27,17 @@ from multimodal_tf.encoders.audio import (
     AudioStatsEncoder,
 )
 from multimodal_tf.encoders.audio_saved_model import AudioSavedModelConfig, AudioSavedModelEncoder
-from multimodal_tf.encoders.backbones import (
-    KerasApplicationConfig,
-    KerasApplicationEncoder,
-    KerasModelConfig,
-    KerasModelEncoder,
-)
 from multimodal_tf.encoders.bert import TextBertConfig, TextBertEncoder
 from multimodal_tf.encoders.image import ImageCNNConfig, ImageCNNEncoder
+from multimodal_tf.encoders.keras_application import KerasApplicationConfig, KerasApplicationEncoder
+from multimodal_tf.encoders.keras_model import KerasModelConfig, KerasModelEncoder
 from multimodal_tf.encoders.text import (
     TextBagOfEmbeddingsConfig,
     TextBagOfEmbeddingsEncoder,
     TextLSTMConfig,
     TextLSTMEncoder,
 )
+from multimodal_tf.encoders.tfidf import TextTFIDFConfig, TextTFIDFEncoder
 from multimodal_tf.registry import ENCODERS
 
 __all__ = [
@@ -64,6 +61,8 @@ __all__ = [
     "TextBagOfEmbeddingsEncoder",
     "TextLSTMConfig",
     "TextLSTMEncoder",
+    "TextTFIDFConfig",
+    "TextTFIDFEncoder",
     "build_encoder",
     "load_encoder_checkpoint",
     "save_encoder_checkpoint",
