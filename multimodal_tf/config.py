@@ -128,9 +128,15 @@ class DataConfig(Checked):
     # "stratified" (per class, the same share of each class, picked by id
     # hash): small or skewed sets then get every class in validation.
     validation_split: str = option("hash", choices=("hash", "stratified"))
+    # The conversion cache key covers every media file by size + mtime; true:
+    # by a hash of its bytes (reads every file on each run).
+    hash_media: bool = False
     batch_size: int = option(64, minimum=1)
     shuffle_buffer: int = 2048
+    # Keep preprocessed examples after the first epoch: in memory when a
+    # split's features fit cache_memory_mb, else in a temporary file.
     cache: bool = True
+    cache_memory_mb: int = option(2048, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

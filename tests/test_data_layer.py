@@ -1,6 +1,8 @@
 """Manifest validation, conversion to TFRecords and the tf.data pipeline."""
 
 import csv
+import dataclasses
+import os
 import wave
 from pathlib import Path
 
@@ -11,9 +13,10 @@ from PIL import Image
 from multimodal_tf import cli
 from multimodal_tf.compat import tf
 from multimodal_tf.config import DataConfig, ExperimentConfig
-from multimodal_tf.data import convert, pipeline, validate
+from multimodal_tf.data import cache, convert, pipeline, validate
 from multimodal_tf.data.audio_io import encode_wav16, parse_wav
 from multimodal_tf.data.metadata import DatasetMetadata
+from multimodal_tf.data.synthetic import synthesize
 from tests.conftest import one_val_example_manifest, shared_manifest
 
 HEADER = ["id", "image", "text", "audio", "label", "split"]
@@ -213,3 +216,60 @@ def test_real_dataset_round_trip(name, tmp_path):
     assert got == expected
     if name == "avmnist":
         assert metadata.counts["test"]["present"]["text"] == 0
+
+
+def test_a_replaced_media_file_is_converted_again(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
+    manifest = synthesize(tmp_path / "data", num_examples=8, seed=0)
+    config = DataConfig(manifest=str(manifest), num_shards=1, validation_fraction=0.0)
+    image = tmp_path / "data" / "images" / "synth_00002.png"
+    first = cache.prepare_data(config, progress=False)
+    first_dir = cache.default_tfrecord_dir(config)
+    replacement = synthesize(tmp_path / "other", num_examples=8, seed=5).parent / "images" / "synth_00002.png"
+    image.write_bytes(replacement.read_bytes())  # same path, new size and mtime
+    second = cache.prepare_data(config, progress=False)
+    second_dir = cache.default_tfrecord_dir(config)
+    assert second_dir != first_dir and second.source["fingerprint"] != first.source["fingerprint"]
+    stored = {}
+    for record in tf.data.TFRecordDataset([str(second_dir / n) for n in second.shards["train"]]):
+        example = tf.train.Example.FromString(record.numpy()).features.feature
+        stored[example["id"].bytes_list.value[0]] = example["image"].bytes_list.value[0]
+    assert stored[b"synth_00002"] == replacement.read_bytes()
+    # Same size and mtime, other bytes: size + mtime cannot tell, the content hash can.
+    hashed = dataclasses.replace(config, hash_media=True)
+    before = convert.source_fingerprint(manifest, hashed)
+    stat = image.stat()
+    image.write_bytes(bytes(reversed(image.read_bytes())))
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cache.default_tfrecord_dir(config) == second_dir
+    assert convert.source_fingerprint(manifest, hashed) != before
+
+
+def test_shards_are_written_round_robin_from_a_stream(tmp_path):
+    def stream():  # a generator: the writer never sees the whole split
+        for index in range(7):
+            yield f"example {index}".encode()
+
+    names = convert._write_shards(tmp_path, "train", stream(), 3)
+    assert names == [f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
+    contents = [[r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / n))] for n in names]
+    assert contents[0] == [b"example 0", b"example 3", b"example 6"] and contents[2] == [
+        b"example 2",
+        b"example 5",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no temporary file left
+
+
+def test_features_over_the_memory_budget_are_cached_on_disk(synth_manifest, tmp_path, monkeypatch):
+    monkeypatch.setenv(pipeline.FEATURE_CACHE_ENV, str(tmp_path / "features"))
+    (tmp_path / "features").mkdir()
+    data = DataConfig(manifest=str(synth_manifest), tfrecord_dir=str(tmp_path / "t"), batch_size=64)
+    convert.convert(synth_manifest, tmp_path / "t", data, progress=False)
+    epochs = {}
+    for budget in (2048, 0):
+        config = ExperimentConfig(data=dataclasses.replace(data, cache_memory_mb=budget))
+        dataset = pipeline.make_dataset(config, "test", training=False, with_ids=True)
+        epochs[budget] = [[ids.numpy().tolist() for _, _, ids in dataset] for _ in range(2)]
+        files = list((tmp_path / "features").rglob("features*"))
+        assert bool(files) == (budget == 0)  # over budget: a cache file, else none
+    assert epochs[0][0] == epochs[0][1] == epochs[2048][0]

@@ -19,10 +19,22 @@ def cmd_validate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from multimodal_tf.data.convert import convert  # noqa: PLC0415
-
     config = load_config(args)
-    metadata = convert(args.manifest, args.out_dir, config.data, on_error=args.on_error, force=args.force)
+    if args.runner == "beam":
+        from multimodal_tf.data.beam_convert import convert_with_beam  # noqa: PLC0415
+
+        metadata = convert_with_beam(
+            args.manifest,
+            args.out_dir,
+            config.data,
+            on_error=args.on_error,
+            beam_options=args.beam_option,
+            force=args.force,
+        )
+    else:
+        from multimodal_tf.data.convert import convert  # noqa: PLC0415
+
+        metadata = convert(args.manifest, args.out_dir, config.data, on_error=args.on_error, force=args.force)
     for split, names in metadata.shards.items():
         print(f"{split}: {metadata.counts[split]['examples']} examples in {len(names)} shards")
     if metadata.counts.get("skipped"):
@@ -57,6 +69,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("out_dir")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     p.add_argument("--force", action="store_true", help="convert even if up to date")
+    p.add_argument(
+        "--runner",
+        choices=["local", "beam"],
+        default="local",
+        help="local: one process; beam: an Apache Beam pipeline (pip install multimodal-tf[beam])",
+    )
+    p.add_argument(
+        "--beam-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="a Beam pipeline option, e.g. --beam-option=--runner=DataflowRunner (repeatable; "
+        "default: local FnApiRunner, one process per core)",
+    )
     add_config_args(p)
     p.set_defaults(func=cmd_convert)
     p = data_sub.add_parser("synth", help="generate the demo dataset")

@@ -144,6 +144,15 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", help="predictions CSV (with --manifest; default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per request")
+    parser.add_argument(
+        "--runner",
+        choices=["local", "beam"],
+        default="local",
+        help="beam: --manifest over Apache Beam's RunInference (with --saved-model and --output)",
+    )
+    parser.add_argument(
+        "--beam-option", action="append", default=[], metavar="OPTION", help="a Beam pipeline option"
+    )
     parser.add_argument("--timeout-seconds", type=float, default=30.0, help="deadline per request")
     parser.add_argument(
         "--ssl-root-certs", help="PEM file of the CA that signs the server's certificate (TLS)"
@@ -262,27 +271,32 @@ def _predict_rows(predictor, rows: list[dict], args) -> list[dict | Exception]:
     return [result for row in rows for result in _predict_rows(predictor, [row], args)]
 
 
+def prediction_header(has_label: bool, names, width: int) -> list[str]:
+    """The predictions CSV's header; ``names`` are the class names (numbers when unknown)."""
+    names = names if names and len(names) == width else [str(i) for i in range(width)]
+    return (
+        ["id"] + (["label"] if has_label else []) + ["predicted"] + [f"prob_{n}" for n in names] + ["error"]
+    )
+
+
+def prediction_line(row: dict, result, has_label: bool, width: int) -> list[str]:
+    """One row's CSV cells: the prediction, or empty cells and the error."""
+    line = [row["id"]] + ([row["label"] or ""] if has_label else [])
+    if isinstance(result, Exception):
+        return line + [""] + [""] * width + [_error_text(result)]
+    name = result[CLASS_NAME]
+    line += [name.decode() if isinstance(name, bytes) else str(name)]
+    return line + [f"{p:.6f}" for p in np.asarray(result[PROBABILITIES]).tolist()] + [""]
+
+
 def _write_predictions(rows, results, names, output) -> int:
     has_label = any(r["label"] not in (None, "") for r in rows)
     width = next((len(r[PROBABILITIES]) for r in results if isinstance(r, dict)), len(names or []))
-    names = names if names and len(names) == width else [str(i) for i in range(width)]
-    header = (
-        ["id"] + (["label"] if has_label else []) + ["predicted"] + [f"prob_{n}" for n in names] + ["error"]
-    )
     writer = csv.writer(output)
-    writer.writerow(header)
-    failures = 0
+    writer.writerow(prediction_header(has_label, names, width))
     for row, result in zip(rows, results, strict=True):
-        line = [row["id"]] + ([row["label"] or ""] if has_label else [])
-        if isinstance(result, Exception):
-            failures += 1
-            line += [""] + [""] * width + [_error_text(result)]
-        else:
-            name = result[CLASS_NAME]
-            line += [name.decode() if isinstance(name, bytes) else str(name)]
-            line += [f"{p:.6f}" for p in np.asarray(result[PROBABILITIES]).tolist()] + [""]
-        writer.writerow(line)
-    return failures
+        writer.writerow(prediction_line(row, result, has_label, width))
+    return sum(isinstance(result, Exception) for result in results)
 
 
 def _predict_manifest(predictor, args) -> int:
@@ -301,11 +315,25 @@ def _predict_manifest(predictor, args) -> int:
     return 1 if failures else 0
 
 
+def _predict_on_beam(args) -> int:
+    if not (args.manifest and args.saved_model and args.output):
+        raise ValueError("--runner beam needs --manifest, --saved-model and --output")
+    from multimodal_tf.serving.beam_predict import predict_with_beam  # noqa: PLC0415
+
+    failures = predict_with_beam(
+        args.saved_model, args.manifest, args.output, args, args.batch_size, args.beam_option
+    )
+    print(f"wrote predictions to {args.output} ({failures} failed)")
+    return 1 if failures else 0
+
+
 def predict_command(args) -> int:
     from multimodal_tf.serving.errors import ServingError  # noqa: PLC0415
 
     if not args.manifest and not (args.image or args.text or args.audio):
         raise ValueError("give --image/--text/--audio or --manifest")
+    if args.runner == "beam":
+        return _predict_on_beam(args)
     try:
         predictor = _predictor(args)
         if args.manifest:

@@ -7,9 +7,12 @@ the same inputs and settings is not redone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import tensorflow as tf
@@ -18,19 +21,46 @@ from tqdm import tqdm
 from multimodal_tf.config import DataConfig, fingerprint
 from multimodal_tf.data import audio_io, features
 from multimodal_tf.data import manifest as manifest_lib
-from multimodal_tf.data.metadata import DatasetMetadata
+from multimodal_tf.data.metadata import METADATA_FILE, DatasetMetadata
 from multimodal_tf.data.text import build_vocabulary
 from multimodal_tf.data.validate import check_record
 
 FORMAT_VERSION = 1
+DEAD_LETTER_FILE = "dead_letter.jsonl"
 
 
 class ConversionError(ValueError):
     """Bad records with ``on_error='fail'``; the message lists them."""
 
 
+def media_fingerprint(records, content: bool = False) -> str:
+    """Hash of every media file a manifest names: size and mtime, or the bytes.
+
+    Size + mtime catches a file replaced under the same path at the cost of a
+    ``stat`` per file; ``content=True`` (``data.hash_media``) reads every byte,
+    for file systems whose mtimes cannot be trusted. A missing file hashes
+    as missing (validation reports it).
+    """
+    digest = hashlib.sha256()
+    for record in records:
+        for path in (record.image, record.audio, record.text_path):
+            if not path:
+                continue
+            digest.update(path.encode("utf-8", "surrogateescape"))
+            try:
+                if content:
+                    digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+                else:
+                    stat = os.stat(path)
+                    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            except OSError:
+                digest.update(b"missing")
+    return digest.hexdigest()
+
+
 def source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
-    """Hash of the manifest's bytes and every setting that changes the conversion."""
+    """Hash of the manifest, its media files and every setting that changes the conversion."""
+    manifest_path = Path(manifest_path)
     digest = hashlib.sha256(manifest_path.read_bytes())
     settings = {
         "format": FORMAT_VERSION,
@@ -44,12 +74,24 @@ def source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
     if config.validation_split != "hash":  # the key of earlier conversions stays the same
         settings["validation_split"] = config.validation_split
     digest.update(repr(sorted(settings.items())).encode())
+    records = manifest_lib.read_manifest(manifest_path, config).records
+    digest.update(media_fingerprint(records, content=config.hash_media).encode())
     return digest.hexdigest()[:16]
 
 
 def _in_validation(record_id: str, fraction: float) -> bool:
     bucket = int(hashlib.md5(record_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return bucket < fraction
+
+
+def has_val_split(records) -> bool:
+    return any(manifest_lib.SPLIT_ALIASES.get(r.split) == manifest_lib.VAL for r in records)
+
+
+def split_of_train(record_id: str, has_val: bool, fraction: float) -> str:
+    """Where a good train record goes: val for a stable share when there is no val split."""
+    held_out = not has_val and _in_validation(record_id, fraction)
+    return manifest_lib.VAL if held_out else manifest_lib.TRAIN
 
 
 def _stratified_validation(records, fraction: float) -> set[str]:
@@ -66,7 +108,7 @@ def _stratified_validation(records, fraction: float) -> set[str]:
 
 
 def _assign_splits(records, fraction: float, method: str = "hash") -> dict[str, list]:
-    has_val = any(manifest_lib.SPLIT_ALIASES[r.split] == manifest_lib.VAL for r in records)
+    has_val = has_val_split(records)
     splits: dict[str, list] = {manifest_lib.TRAIN: [], manifest_lib.VAL: [], manifest_lib.TEST: []}
     stratified = set()
     if method == "stratified" and not has_val:
@@ -83,7 +125,7 @@ def _assign_splits(records, fraction: float, method: str = "hash") -> dict[str, 
     return splits
 
 
-def _example(record, label: int, config: DataConfig) -> tf.train.Example:
+def make_example(record, label: int, config: DataConfig) -> tf.train.Example:
     def bytes_feature(value: bytes):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
@@ -104,18 +146,34 @@ def _example(record, label: int, config: DataConfig) -> tf.train.Example:
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
-def _write_shards(out_dir: Path, split: str, examples: list[bytes], num_shards: int) -> list[str]:
-    count = max(1, min(num_shards, len(examples)))
-    names = []
-    for index in range(count):
-        name = f"{split}-{index:05d}-of-{count:05d}.tfrecord"
-        tmp = out_dir / f".{name}.tmp{os.getpid()}"
-        with tf.io.TFRecordWriter(str(tmp)) as writer:
-            for serialized in examples[index::count]:
-                writer.write(serialized)
-        os.replace(tmp, out_dir / name)  # a shard is visible only when complete
-        names.append(name)
+def shard_count(num_examples: int, num_shards: int) -> int:
+    return max(1, min(num_shards, num_examples))
+
+
+def _write_shards(out_dir: Path, split: str, examples: Iterable[bytes], count: int) -> list[str]:
+    """Streams serialized examples round-robin into ``count`` shards.
+
+    Example ``i`` goes to shard ``i % count`` as it arrives, so memory holds
+    one example and the writers' buffers, never a split.
+    """
+    names = [f"{split}-{index:05d}-of-{count:05d}.tfrecord" for index in range(count)]
+    temporary = [out_dir / f".{name}.tmp{os.getpid()}" for name in names]
+    writers = [tf.io.TFRecordWriter(str(path)) for path in temporary]
+    try:
+        for index, serialized in enumerate(examples):
+            writers[index % count].write(serialized)
+    finally:
+        for writer in writers:
+            writer.close()
+    for path, name in zip(temporary, names, strict=False):
+        os.replace(path, out_dir / name)  # a shard is visible only when complete
     return names
+
+
+def write_dead_letter(out_dir: Path, problems) -> None:
+    """``dead_letter.jsonl``: one line per problem of a skipped record (id, row, field, reason)."""
+    lines = [json.dumps(dataclasses.asdict(p), ensure_ascii=False) for p in problems]
+    (out_dir / DEAD_LETTER_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def _check_records(records, label_names: list[str], config: DataConfig, progress: bool):
@@ -141,54 +199,22 @@ def _split_counts(records, label_names: list[str]) -> dict:
     }
 
 
-def convert(
-    manifest_path: str | Path,
-    out_dir: str | Path,
-    config: DataConfig,
-    on_error: str = "fail",
-    progress: bool = True,
-    force: bool = False,
-) -> DatasetMetadata:
-    """Converts a manifest; returns the metadata (existing one if up to date)."""
-    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
-    source = {
-        "manifest": str(manifest_path.resolve()),
-        "fingerprint": source_fingerprint(manifest_path, config),
-    }
-    if not force and (out_dir / "metadata.json").exists():
-        existing = DatasetMetadata.load(out_dir)
-        complete = all((out_dir / s).exists() for names in existing.shards.values() for s in names)
-        if existing.source.get("fingerprint") == source["fingerprint"] and complete:
-            return existing
-    manifest = manifest_lib.read_manifest(manifest_path, config)
-    label_names = manifest_lib.label_names_of(manifest)
-    good, problems = _check_records(manifest.records, label_names, config, progress)
-    if problems and on_error == "fail":
-        listing = "\n".join(f"  {p}" for p in problems[:50])
-        raise ConversionError(
-            f"{len(problems)} problems in {manifest_path} (use --on-error skip):\n{listing}"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metadata.json").unlink(missing_ok=True)  # stale until rewritten
-    splits = _assign_splits(good, config.validation_fraction, config.validation_split)
-    # A stable shuffle (by id hash) so shards and batches mix labels.
-    for records in splits.values():
-        records.sort(key=lambda r: hashlib.md5(r.id.encode()).hexdigest())
-    vocabulary = build_vocabulary([r.text.decode("utf-8") for r in splits[manifest_lib.TRAIN]], config.text)
-    shards, counts = {}, {}
-    bar = tqdm(total=len(good), desc="converting", disable=not progress, file=sys.stderr, mininterval=2)
-    for split, records in splits.items():
-        serialized = []
-        for record in records:
-            label = manifest_lib.label_id(record, label_names)
-            serialized.append(_example(record, label, config).SerializeToString())
-            bar.update()
-        if not records:
-            continue
-        shards[split] = _write_shards(out_dir, split, serialized, config.num_shards)
-        counts[split] = _split_counts(records, label_names)
-    bar.close()
-    counts["skipped"] = sorted({p.record_id for p in problems})
+def up_to_date(out_dir: Path, source: dict) -> DatasetMetadata | None:
+    """The metadata of a complete conversion of ``source`` in ``out_dir``, else None."""
+    if not (out_dir / METADATA_FILE).exists():
+        return None
+    existing = DatasetMetadata.load(out_dir)
+    complete = all((out_dir / s).exists() for names in existing.shards.values() for s in names)
+    return existing if existing.source.get("fingerprint") == source["fingerprint"] and complete else None
+
+
+def failure_message(manifest_path: Path, problems) -> str:
+    listing = "\n".join(f"  {p}" for p in problems[:50])
+    return f"{len(problems)} problems in {manifest_path} (use --on-error skip):\n{listing}"
+
+
+def finish(out_dir: Path, label_names, vocabulary, counts, shards, config, source) -> DatasetMetadata:
+    """Writes ``metadata.json`` (last: it marks the conversion complete) and ``vocab.txt``."""
     metadata = DatasetMetadata(
         label_names=label_names,
         vocabulary=vocabulary,
@@ -197,6 +223,58 @@ def convert(
         sample_rate=config.audio.sample_rate,
         source=source,
     )
-    metadata.save(out_dir)
     (out_dir / "vocab.txt").write_text("\n".join(vocabulary) + "\n", encoding="utf-8")
+    metadata.save(out_dir)
     return metadata
+
+
+def convert(
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    config: DataConfig,
+    on_error: str = "fail",
+    progress: bool = True,
+    force: bool = False,
+) -> DatasetMetadata:
+    """Converts a manifest; returns the metadata (existing one if up to date).
+
+    Memory holds the manifest's rows (paths and texts), not the media: each
+    example is read, encoded and written to its shard in turn.
+    """
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    source = {
+        "manifest": str(manifest_path.resolve()),
+        "fingerprint": source_fingerprint(manifest_path, config),
+    }
+    if not force and (existing := up_to_date(out_dir, source)):
+        return existing
+    manifest = manifest_lib.read_manifest(manifest_path, config)
+    label_names = manifest_lib.label_names_of(manifest)
+    good, problems = _check_records(manifest.records, label_names, config, progress)
+    if problems and on_error == "fail":
+        raise ConversionError(failure_message(manifest_path, problems))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / METADATA_FILE).unlink(missing_ok=True)  # stale until rewritten
+    splits = _assign_splits(good, config.validation_fraction, config.validation_split)
+    # A stable shuffle (by id hash) so shards and batches mix labels.
+    for records in splits.values():
+        records.sort(key=lambda r: hashlib.md5(r.id.encode()).hexdigest())
+    vocabulary = build_vocabulary([r.text.decode("utf-8") for r in splits[manifest_lib.TRAIN]], config.text)
+    shards, counts = {}, {}
+    bar = tqdm(total=len(good), desc="converting", disable=not progress, file=sys.stderr, mininterval=2)
+
+    def serialized(records):
+        for record in records:
+            yield make_example(record, manifest_lib.label_id(record, label_names), config).SerializeToString()
+            bar.update()
+
+    for split, records in splits.items():
+        if not records:
+            continue
+        count = shard_count(len(records), config.num_shards)
+        shards[split] = _write_shards(out_dir, split, serialized(records), count)
+        counts[split] = _split_counts(records, label_names)
+    bar.close()
+    write_dead_letter(out_dir, problems)
+    counts["skipped"] = sorted({p.record_id for p in problems})
+    return finish(out_dir, label_names, vocabulary, counts, shards, config, source)

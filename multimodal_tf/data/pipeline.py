@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import tensorflow as tf
@@ -18,6 +22,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 # Records are parsed and preprocessed in blocks: the STFT and the tokenizer
 # are vectorised, so a block costs far less than as many single examples.
 PREPROCESS_BLOCK = 128
+FEATURE_CACHE_ENV = "MMTF_FEATURE_CACHE_DIR"
 
 
 def shard_files(
@@ -48,6 +53,28 @@ def shard_files(
     if len(files) >= count:
         return files[index::count], False
     return files, True
+
+
+def feature_bytes(element_spec) -> int:
+    """Bytes of one element's fixed-shape numeric tensors (strings, e.g. ids, not counted)."""
+    specs = [s for s in tf.nest.flatten(element_spec) if s.dtype != tf.string]
+    return sum(s.shape.num_elements() * s.dtype.size for s in specs if s.shape.is_fully_defined())
+
+
+def cache_features(dataset: tf.data.Dataset, budget_mb: int, num_examples: int, split: str):
+    """Caches preprocessed examples in memory if the split fits ``budget_mb``, else on disk.
+
+    The disk cache is a temporary folder (under ``$MMTF_FEATURE_CACHE_DIR``
+    when set) removed when the process exits: the first epoch writes it,
+    later epochs read it instead of decoding again.
+    """
+    size = feature_bytes(dataset.element_spec) * num_examples
+    if size <= budget_mb * 2**20:
+        return dataset.cache()
+    folder = tempfile.mkdtemp(prefix=f"mmtf-features-{split}-", dir=os.environ.get(FEATURE_CACHE_ENV))
+    atexit.register(shutil.rmtree, folder, True)
+    logging.info("%s features (~%d MB) exceed data.cache_memory_mb: caching in %s", split, size >> 20, folder)
+    return dataset.cache(os.path.join(folder, "features"))
 
 
 # Over 60 lines only through its docstring (13 lines) and one argument per line.
@@ -112,7 +139,7 @@ def make_dataset(
         dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     dataset = dataset.batch(PREPROCESS_BLOCK).map(preprocess, num_parallel_calls=AUTOTUNE).unbatch()
     if data.cache:
-        dataset = dataset.cache()
+        dataset = cache_features(dataset, data.cache_memory_mb, metadata.counts[split]["examples"], split)
     if training:
         dataset = dataset.shuffle(data.shuffle_buffer, seed=config.train.seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)

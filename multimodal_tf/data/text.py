@@ -14,6 +14,7 @@ Two tokenizers (``data.text.tokenizer``):
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Sequence
 
 import tensorflow as tf
@@ -46,27 +47,54 @@ def vocabulary_size(config: TextConfig, vocabulary: Sequence[str]) -> int:
     return len(vocabulary)
 
 
-def build_vocabulary(texts: Iterable[str], config: TextConfig) -> list[str]:
-    """Learns a WordPiece vocabulary from training texts (tf-text's builder)."""
-    from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as builder
+def count_words(texts: Iterable[str], config: TextConfig) -> collections.Counter:
+    """Word counts of texts after BERT's basic splitting (what the WordPiece learner reads).
+
+    Counts of disjoint parts of a corpus add up to the counts of the whole,
+    so the Beam converter sums them in a combine (data/beam_convert.py).
+    """
+    from tensorflow_text.python.ops.bert_tokenizer import BasicTokenizer
 
     texts = [t for t in texts if t]
+    counts: collections.Counter = collections.Counter()
     if not texts:
+        return counts
+    tokenizer = BasicTokenizer(lower_case=config.lower_case)
+    for start in range(0, len(texts), 1024):
+        words = tokenizer.tokenize(tf.constant(texts[start : start + 1024]))
+        counts.update(word.decode("utf-8") for word in words.flat_values.numpy())
+    return counts
+
+
+def vocabulary_from_counts(counts: collections.Counter, config: TextConfig) -> list[str]:
+    """Learns a WordPiece vocabulary from word counts (tf-text's learner)."""
+    from tensorflow_text.tools.wordpiece_vocab import wordpiece_tokenizer_learner_lib as learner
+
+    if not counts:
         # No training text (e.g. an image+audio set): a character-level
         # vocabulary keeps the tokenizer valid for any later text input.
         letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789")
         return list(RESERVED_TOKENS) + letters + [f"##{c}" for c in letters]
-    dataset = tf.data.Dataset.from_tensor_slices(texts).batch(1024)
-    vocab = builder.bert_vocab_from_dataset(
-        dataset,
-        vocab_size=config.vocab_size,
-        reserved_tokens=list(RESERVED_TOKENS),
-        bert_tokenizer_params={"lower_case": config.lower_case},
+    vocab = learner.learn(
+        # Sorted, so the vocabulary does not depend on the order texts came in.
+        sorted(counts.items()),
+        config.vocab_size,
+        list(RESERVED_TOKENS),
         # Small corpora: keep words seen twice (the default floor of 10 keeps
         # only characters on a few thousand short texts).
-        learn_params={"lower_thresh": 2},
+        lower_thresh=2,
     )
     return list(vocab)
+
+
+def build_vocabulary(texts: Iterable[str], config: TextConfig) -> list[str]:
+    """Learns a WordPiece vocabulary from training texts.
+
+    The same steps as tf-text's ``bert_vocab_from_dataset`` (basic BERT
+    splitting, word counts, WordPiece learner), split in two so that the
+    counting can run as a distributed combine.
+    """
+    return vocabulary_from_counts(count_words(texts, config), config)
 
 
 def check_utf8(texts: tf.Tensor) -> tf.Operation:
