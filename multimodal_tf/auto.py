@@ -37,6 +37,7 @@ from multimodal_tf import config as config_lib
 from multimodal_tf import run_dir as run_files
 from multimodal_tf.budget import Deadline, format_seconds, keras_callbacks
 from multimodal_tf.compat import keras
+from multimodal_tf.data import profile as profile_lib
 from multimodal_tf.data.cache import prepare_data
 
 DEFAULT_BUDGET = 600.0  # a 1,000-example three-modality set on 2 CPU cores finishes in it
@@ -313,7 +314,7 @@ def auto_train(
 
     budget = Deadline(time_budget, started)
     out = Path(output_dir)
-    profile = autoconfig.profile_manifest(manifest)
+    profile = profile_lib.profile_manifest(manifest)
     config = config_lib.replace(autoconfig.infer_config(profile, str(out)), overrides)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.save(config, out / INFERRED_FILE)

@@ -11,6 +11,7 @@ from PIL import Image
 from multimodal_tf import auto, autoconfig, cli, stacking, tuning
 from multimodal_tf import config as config_lib
 from multimodal_tf.budget import parse_duration
+from multimodal_tf.data import profile as profile_lib
 from multimodal_tf.data.audio_io import encode_wav16
 from multimodal_tf.data.cache import prepare_data
 from multimodal_tf.data.manifest import ManifestError
@@ -57,14 +58,14 @@ def test_parse_duration_accepts_units_and_rejects_the_rest():
 
 
 def test_inference_recovers_sizes_lengths_durations_and_imbalance(tmp_path):
-    profile = autoconfig.profile_manifest(known_manifest(tmp_path))
+    profile = profile_lib.profile_manifest(known_manifest(tmp_path))
     assert profile.modalities == ("image", "text", "audio") and profile.train_examples == 40
     assert profile.class_counts == {"common": 33, "rare": 7} and not profile.has_val
     assert (profile.image["median_height"], profile.image["median_width"]) == (48, 80)
     assert profile.image["grey_share"] == 1.0
     assert profile.audio["p90_seconds"] == pytest.approx(np.percentile(CLIP_SECONDS * 4, 90))
     # "the big blue box is here": 6 words + their 2- to 4-grams; the shorter text has fewer.
-    longest = autoconfig.ngram_token_count("the big blue box is here", (2, 4))
+    longest = profile_lib.ngram_token_count("the big blue box is here", (2, 4))
     assert longest == 6 + sum(3 * (len(w) + 2) - 6 for w in ["the", "big", "blue", "box", "is", "here"])
     assert profile.text["p95_tokens"] == longest
 
@@ -87,7 +88,7 @@ def test_unspaced_script_colour_images_and_missing_modality(tmp_path):
     for row in rows[1:]:
         row[3] = ""  # no audio at all
     manifest = write_manifest(tmp_path, rows[1:])
-    profile = autoconfig.profile_manifest(manifest)
+    profile = profile_lib.profile_manifest(manifest)
     config = autoconfig.infer_config(profile)
     assert config.model.modalities == ("image", "text")
     assert config.data.text.ngram_range == (1, 3)  # single characters carry meaning
@@ -95,7 +96,7 @@ def test_unspaced_script_colour_images_and_missing_modality(tmp_path):
 
 
 def test_inferred_yaml_round_trips(tmp_path):
-    config = autoconfig.infer_config(autoconfig.profile_manifest(known_manifest(tmp_path)))
+    config = autoconfig.infer_config(profile_lib.profile_manifest(known_manifest(tmp_path)))
     config_lib.save(config, tmp_path / "inferred.yaml")
     again = config_lib.load([tmp_path / "inferred.yaml"])
     assert again == config
@@ -104,22 +105,22 @@ def test_inferred_yaml_round_trips(tmp_path):
 
 def test_bad_manifests_name_the_record_and_field(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
-        autoconfig.profile_manifest(tmp_path / "nope.csv")
+        profile_lib.profile_manifest(tmp_path / "nope.csv")
     folder = tmp_path / "bad"
     folder.mkdir()
     manifest = write_manifest(
         folder, [["a", "", "hello", "", "x", "train"], ["b", "", "hi", "", "y", "later"]]
     )
-    with pytest.raises(autoconfig.ProfileError, match=r"row 2 id=b split: 'later'"):
-        autoconfig.profile_manifest(manifest)
+    with pytest.raises(profile_lib.ProfileError, match=r"row 2 id=b split: 'later'"):
+        profile_lib.profile_manifest(manifest)
     manifest = write_manifest(folder, [["a", "missing.png", "hello", "", "x", "train"]])
-    with pytest.raises(autoconfig.ProfileError, match="missing.png"):
-        autoconfig.profile_manifest(manifest)
+    with pytest.raises(profile_lib.ProfileError, match="missing.png"):
+        profile_lib.profile_manifest(manifest)
     manifest = write_manifest(
         folder, [["a", "", "hello", "", "x", "train"], ["b", "", "hi", "", "x", "train"]]
     )
-    with pytest.raises(autoconfig.ProfileError, match="at least 2 classes"):
-        autoconfig.infer_config(autoconfig.profile_manifest(manifest))
+    with pytest.raises(profile_lib.ProfileError, match="at least 2 classes"):
+        autoconfig.infer_config(profile_lib.profile_manifest(manifest))
 
 
 def test_cli_reports_a_missing_manifest_and_a_bad_budget_in_one_line(tmp_path, capsys):
