@@ -88,6 +88,19 @@ def add_config_args(parser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
 
 
+def add_runner_args(parser, beam_help: str) -> None:
+    """``--runner local|beam`` and the repeatable ``--beam-option`` (Beam pipeline options)."""
+    parser.add_argument("--runner", choices=["local", "beam"], default="local", help=beam_help)
+    parser.add_argument(
+        "--beam-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="a Beam pipeline option, e.g. --beam-option=--runner=DataflowRunner (repeatable; "
+        "default: local FnApiRunner, one process per core)",
+    )
+
+
 def load_config(args, extra_overrides=()):
     """The experiment config of ``--config`` files, ``extra_overrides`` and then ``--set``."""
     from multimodal_tf import config as config_lib  # noqa: PLC0415

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from multimodal_tf.cli.common import add_config_args, load_config
+from multimodal_tf.cli.common import add_config_args, add_runner_args, load_config
 
 
 def cmd_validate(args) -> int:
@@ -69,20 +69,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("out_dir")
     p.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     p.add_argument("--force", action="store_true", help="convert even if up to date")
-    p.add_argument(
-        "--runner",
-        choices=["local", "beam"],
-        default="local",
-        help="local: one process; beam: an Apache Beam pipeline (pip install multimodal-tf[beam])",
-    )
-    p.add_argument(
-        "--beam-option",
-        action="append",
-        default=[],
-        metavar="OPTION",
-        help="a Beam pipeline option, e.g. --beam-option=--runner=DataflowRunner (repeatable; "
-        "default: local FnApiRunner, one process per core)",
-    )
+    add_runner_args(p, "local: one process; beam: an Apache Beam pipeline (pip install multimodal-tf[beam])")
     add_config_args(p)
     p.set_defaults(func=cmd_convert)
     p = data_sub.add_parser("synth", help="generate the demo dataset")

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from multimodal_tf.cli.common import add_config_args, load_config
+from multimodal_tf.cli.common import add_config_args, add_runner_args, load_config
 from multimodal_tf.signatures import (
     CLASS_ID,
     CLASS_NAME,
@@ -144,14 +144,8 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", help="predictions CSV (with --manifest; default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per request")
-    parser.add_argument(
-        "--runner",
-        choices=["local", "beam"],
-        default="local",
-        help="beam: --manifest over Apache Beam's RunInference (with --saved-model and --output)",
-    )
-    parser.add_argument(
-        "--beam-option", action="append", default=[], metavar="OPTION", help="a Beam pipeline option"
+    add_runner_args(
+        parser, "beam: --manifest over Apache Beam's RunInference (with --saved-model and --output)"
     )
     parser.add_argument("--timeout-seconds", type=float, default=30.0, help="deadline per request")
     parser.add_argument(
