@@ -280,6 +280,31 @@ class TrainConfig(Checked):
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig(Checked):
+    """Knowledge distillation by ``mmtf distill`` (Hinton et al., 2015); ``mmtf train`` ignores it.
+
+    The student's loss is ``alpha * CE(y, p_s) + (1 - alpha) * T^2 *
+    KL(p_t^T || p_s^T)``, ``p^T`` being the softmax of the logits over T
+    (distillation.distillation_loss). The defaults are the reference
+    setting of Tian et al. 2020 (CRD) and Stanton et al. 2021 for KD:
+    T = 4 spreads a confident teacher's mass over the classes it ranks
+    close without flattening it, and most of the weight goes to the soft
+    term, as Hinton et al. found best ("a considerably lower weight on the
+    second", hard-label, objective).
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.1  # weight of the hard-label cross-entropy, in [0, 1]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise ConfigFieldError("temperature", f"must be > 0, got {self.temperature!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigFieldError("alpha", f"must be in [0, 1], got {self.alpha!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportConfig(Checked):
     """Where ``mmtf export`` writes versioned SavedModels."""
 
@@ -296,6 +321,7 @@ class ExperimentConfig(Checked):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    distill: DistillConfig = DistillConfig()
     # Keras Tuner search space: hyperparameter name -> spec dict (see tuning/space.py).
     search_space: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -8,6 +8,8 @@ is trained and scored the same way wherever it is trained:
   averaging, per-encoder learning-rate multipliers), loss and metrics.
 * :func:`datasets_for`: the train and val datasets of the real pipeline, with
   head targets and class weights, shaped for the distribution strategy.
+* :class:`Objective`: what to fit instead of the head's labels (a loss,
+  metrics and per-example targets), e.g. distillation.py's teacher targets.
 * :func:`callbacks_for`: the callbacks that change what a run learns or
   which weights it keeps (weight-average swap, early stopping with the best
   weights restored, plateau schedule), around the caller's own callbacks.
@@ -15,8 +17,10 @@ is trained and scored the same way wherever it is trained:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +75,25 @@ def class_weights(metadata: DatasetMetadata, mode: str) -> np.ndarray | None:
     return weights.astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a run fits when it is not the head's labels alone (distillation.py).
+
+    Attributes:
+        loss: the compiled loss, called on ``targets``' target and the
+            model's output.
+        metrics: the compiled metrics (same targets); named as
+            :func:`metrics_for` names its own so ``train.monitor`` still works.
+        targets: split -> a ``tf.data`` map function ``(features, label,
+            id) -> (features, target)`` over batches
+            of ``make_dataset(..., with_ids=True)``.
+    """
+
+    loss: Any
+    metrics: list
+    targets: Callable[[str], Callable]
+
+
 def supervised_dataset(dataset, config, num_classes, weights=None):
     """(features, int label) -> (features, head target[, sample weight])."""
 
@@ -122,8 +145,13 @@ def metrics_for(config: ExperimentConfig):
     return [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
 
 
-def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_replicas: int = 1):
-    """``build_model`` compiled with the config's optimizer, loss and metrics.
+def compile_model(
+    config: ExperimentConfig,
+    metadata: DatasetMetadata,
+    num_replicas: int = 1,
+    objective: Objective | None = None,
+):
+    """``build_model`` compiled with the config's optimizer, loss and metrics (or ``objective``'s).
 
     Call it inside the distribution strategy's scope (Keras Tuner's
     ``distribution_strategy`` does that for trials).
@@ -151,8 +179,8 @@ def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_repli
             optimizer.build(fine_tuning.variables_ever_trained(model, schedule))
         model.compile(
             optimizer=optimizer,
-            loss=loss_for(config),
-            metrics=metrics_for(config),
+            loss=objective.loss if objective else loss_for(config),
+            metrics=objective.metrics if objective else metrics_for(config),
             jit_compile=config.train.jit_compile,
             steps_per_execution=config.train.steps_per_execution,
         )
@@ -174,8 +202,14 @@ def adapt_encoders(model, config: ExperimentConfig, metadata: DatasetMetadata) -
             encoder.adapt(texts)
 
 
-def datasets_for(config: ExperimentConfig, metadata: DatasetMetadata, strategy=None):
+def datasets_for(
+    config: ExperimentConfig, metadata: DatasetMetadata, strategy=None, objective: Objective | None = None
+):
     """``(train, val, fit_steps)``: what ``model.fit`` gets for ``strategy``.
+
+    Targets are the head's (:func:`supervised_dataset`), or ``objective``'s,
+    computed from each example's label and id (class weights, when set,
+    still weight each example by its label).
 
     ``fit_steps`` holds ``steps_per_epoch``/``validation_steps`` when the
     strategy needs repeated input (multi-worker, parameter server), else it
@@ -187,15 +221,32 @@ def datasets_for(config: ExperimentConfig, metadata: DatasetMetadata, strategy=N
     repeat = distribute.needs_repeated_input(strategy)
     drop = config.train.strategy == "tpu"  # TPUs need static shapes
 
-    def train_fn(context=None):
-        ds = make_dataset(config, "train", context, metadata=metadata, drop_remainder=drop)
-        ds = supervised_dataset(ds, config, num_classes, weights)
-        return ds.repeat() if repeat else ds
+    def split_fn(split, weights):
+        def fn(context=None):
+            ds = make_dataset(
+                config,
+                split,
+                context,
+                metadata=metadata,
+                drop_remainder=drop,
+                with_ids=objective is not None,
+            )
+            if objective is None:
+                ds = supervised_dataset(ds, config, num_classes, weights)
+            else:
+                to_target = objective.targets(split)
+                if weights is None:
+                    ds = ds.map(to_target, num_parallel_calls=tf.data.AUTOTUNE)
+                else:
+                    ds = ds.map(
+                        lambda x, y, i: (*to_target(x, y, i), tf.gather(tf.constant(weights), y)),
+                        num_parallel_calls=tf.data.AUTOTUNE,
+                    )
+            return ds.repeat() if repeat else ds
 
-    def val_fn(context=None):
-        ds = make_dataset(config, "val", context, training=False, metadata=metadata, drop_remainder=drop)
-        ds = supervised_dataset(ds, config, num_classes)
-        return ds.repeat() if repeat else ds
+        return fn
+
+    train_fn, val_fn = split_fn("train", weights), split_fn("val", None)
 
     fit_steps = {}
     if repeat:

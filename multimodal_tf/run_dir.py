@@ -4,7 +4,8 @@
 ``config.yaml`` (resolved), ``metadata.json`` (label names, vocabulary),
 ``checkpoints/{best,last}.weights.h5``, ``history.{json,csv}``,
 ``learning_curves.png``, ``logs/`` (TensorBoard), ``metrics.json`` and, with
-``train.calibration: temperature``, ``calibration.json``.
+``train.calibration: temperature``, ``calibration.json``; a distilled
+student (``mmtf distill``) also ``teacher_targets.npz`` and ``teacher.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ BEST_WEIGHTS, LAST_WEIGHTS = "checkpoints/best.weights.h5", "checkpoints/last.we
 HISTORY_JSON, HISTORY_CSV = "history.json", "history.csv"
 CURVES_FILE, LOGS_DIR, METRICS_FILE = "learning_curves.png", "logs", "metrics.json"
 CALIBRATION_FILE = "calibration.json"  # train.calibration: temperature, val NLL/ECE before and after
+# mmtf distill: the teacher's train/val probabilities by example id, and where they came from.
+TEACHER_TARGETS_FILE, TEACHER_INFO_FILE = "teacher_targets.npz", "teacher.json"
 
 
 def load_run(run_dir: str | Path) -> tuple[ExperimentConfig, DatasetMetadata]:

@@ -95,11 +95,18 @@ def _start_run(config: ExperimentConfig, run_dir: Path) -> None:
     )
 
 
-def train(config: ExperimentConfig, progress: bool = True, callbacks: Sequence = ()) -> Path:
+def train(
+    config: ExperimentConfig,
+    progress: bool = True,
+    callbacks: Sequence = (),
+    objective: recipe.Objective | None = None,
+) -> Path:
     """Trains one experiment; returns its run directory.
 
     ``callbacks``: more Keras callbacks for ``fit`` (e.g. a time budget's
     stop, budget.keras_callbacks), after the checkpoints and logs.
+    ``objective``: fit this instead of the head's labels (``mmtf distill``);
+    the final metrics are still those of the labels.
     """
     run_dir = Path(config.train.output_dir)
     if distribute.is_server_task(config.train):
@@ -120,11 +127,11 @@ def train(config: ExperimentConfig, progress: bool = True, callbacks: Sequence =
             f"{batch_size} ({batch_size // max(1, replicas)} per replica)"
         )
     with strategy.scope():
-        model = recipe.compile_model(config, metadata, replicas)
+        model = recipe.compile_model(config, metadata, replicas, objective)
     verbose = config.train.verbose if chief else 0
     if verbose == 1 and not sys.stdout.isatty():
         verbose = 2  # one line per epoch in logs instead of a redrawn bar
-    train_ds, val_ds, fit_steps = recipe.datasets_for(config, metadata, strategy)
+    train_ds, val_ds, fit_steps = recipe.datasets_for(config, metadata, strategy, objective)
     history = model.fit(
         train_ds,
         validation_data=val_ds,
@@ -137,6 +144,9 @@ def train(config: ExperimentConfig, progress: bool = True, callbacks: Sequence =
     )
     if distribute.needs_repeated_input(strategy):
         model = _local_copy(model, config, metadata)
+    elif objective is not None:  # the final metrics score the labels, as every run's do
+        with strategy.scope():
+            model.compile(loss=loss_for(config), metrics=recipe.metrics_for(config))
     if chief:
         _finish_run(config, model, metadata, history, run_dir)
     return run_dir

@@ -1,0 +1,164 @@
+"""mmtf distill: the loss against NumPy, the teacher cache, a distilled run end to end."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from multimodal_tf import cli
+from multimodal_tf import config as config_lib
+from multimodal_tf.compat import keras
+from multimodal_tf.distillation import (
+    DistillationLoss,
+    check_targets,
+    distillation_loss,
+    pack_targets,
+    split_ids,
+)
+from multimodal_tf.evaluation import predict_split
+from multimodal_tf.run_dir import TEACHER_INFO_FILE, TEACHER_TARGETS_FILE, load_trained_model
+from multimodal_tf.testing import tiny_config
+from multimodal_tf.training import train
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _reference(labels, teacher_logits, student_logits, temperature, alpha):
+    """Hinton et al. 2015 from the logits, in float64 NumPy."""
+    p_student = _softmax(student_logits)
+    hard = -np.log(p_student[np.arange(len(labels)), labels])
+    soft_teacher = _softmax(teacher_logits / temperature)
+    soft_student = _softmax(student_logits / temperature)
+    kl = (soft_teacher * (np.log(soft_teacher) - np.log(soft_student))).sum(axis=-1)
+    return alpha * hard + (1 - alpha) * temperature**2 * kl
+
+
+@pytest.mark.parametrize(
+    "temperature, alpha",
+    [(1.0, 0.5), (4.0, 0.1), (20.0, 0.3), (0.5, 0.7), (4.0, 0.0), (4.0, 1.0)],
+)
+def test_loss_equals_numpy_reference_from_logits(temperature, alpha):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=6)
+    teacher_logits, student_logits = rng.normal(0, 3, (6, 5)), rng.normal(0, 2, (6, 5))
+    got = distillation_loss(
+        labels,
+        _softmax(teacher_logits).astype(np.float32),
+        _softmax(student_logits).astype(np.float32),
+        temperature,
+        alpha,
+    ).numpy()
+    np.testing.assert_allclose(
+        got, _reference(labels, teacher_logits, student_logits, temperature, alpha), rtol=2e-4, atol=1e-5
+    )
+    # The Keras loss on packed targets is the batch mean of the same values.
+    packed = DistillationLoss(temperature, alpha)(
+        pack_targets(labels, _softmax(teacher_logits)), _softmax(student_logits).astype(np.float32)
+    )
+    np.testing.assert_allclose(float(packed), got.mean(), rtol=1e-5)
+
+
+def test_alpha_one_is_keras_crossentropy_and_equal_distributions_leave_only_it():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=8)
+    student = _softmax(rng.normal(0, 2, (8, 4))).astype(np.float32)
+    teacher = _softmax(rng.normal(0, 2, (8, 4))).astype(np.float32)
+    crossentropy = keras.losses.SparseCategoricalCrossentropy(reduction="none")(labels, student).numpy()
+    np.testing.assert_allclose(
+        distillation_loss(labels, teacher, student, 4.0, 1.0).numpy(), crossentropy, rtol=1e-5
+    )
+    # Teacher == student: the KL term is 0 whatever T, only alpha * CE is left.
+    np.testing.assert_allclose(
+        distillation_loss(labels, student, student, 7.0, 0.25).numpy(),
+        0.25 * crossentropy,
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_one_hot_teacher_gives_a_finite_loss_and_gradient():
+    import tensorflow as tf
+
+    teacher = np.eye(3, dtype=np.float32)[[0, 2]]  # exact zeros: log clipped at epsilon
+    student = tf.Variable(_softmax(np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(distillation_loss(np.array([0, 2]), teacher, student, 4.0, 0.1))
+    grad = tape.gradient(loss, student)
+    assert np.isfinite(loss.numpy()) and np.isfinite(grad.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "override, message", [("distill.alpha=1.5", "alpha"), ("distill.temperature=0", "temperature")]
+)
+def test_config_rejects_bad_settings(override, message):
+    with pytest.raises(config_lib.ConfigError, match=f"distill.{message}"):
+        config_lib.load((), [override])
+
+
+@pytest.fixture(scope="module")
+def teacher_run(synth_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    config = tiny_config(
+        f"data.manifest={synth_manifest}",
+        f"train.output_dir={out / 'run'}",
+        "model.ensemble_size=2",
+        "model.fusion.name=late",
+        "model.modality_dropout.text=0.5",
+    )
+    return train(config, progress=False)
+
+
+def test_student_trains_from_the_cache_after_the_teacher_is_gone(teacher_run, synth_manifest, tmp_path):
+    student = tmp_path / "student"
+    args = ["--set", f"data.manifest={synth_manifest}", "--set", "model.modality_dropout.image=0.5"]
+    tiny = [a for o in tiny_config_overrides() for a in ("--set", o)]
+    assert cli.main(["distill", str(teacher_run), *tiny, *args, "--out", str(student)]) == 0
+    info = json.loads((student / TEACHER_INFO_FILE).read_text())
+    cached = np.load(student / TEACHER_TARGETS_FILE)
+    # The cache holds the teacher's predictions on the full examples (as evaluated), keyed by id.
+    config, metadata, teacher = load_trained_model(teacher_run)
+    expected, _, ids = predict_split(teacher, config, metadata, "train")
+    rows = {i: k for k, i in enumerate(cached["ids"].tolist())}
+    np.testing.assert_allclose(cached["probabilities"][[rows[i] for i in ids.tolist()]], expected, atol=1e-6)
+    assert info["examples"]["train"] == len(ids) and info["examples"]["val"] > 0
+    assert set(cached["splits"].tolist()) == {"train", "val"}
+    written = (student / TEACHER_TARGETS_FILE).stat().st_mtime_ns
+    # The teacher cannot run any more: a second distillation must train from the cache.
+    shutil.move(teacher_run, teacher_run.with_name("moved"))
+    try:
+        assert (
+            cli.main(
+                ["distill", str(teacher_run), *tiny, *args, "--out", str(student), "--set", "train.epochs=2"]
+            )
+            == 0
+        )
+    finally:
+        shutil.move(teacher_run.with_name("moved"), teacher_run)
+    assert (student / TEACHER_TARGETS_FILE).stat().st_mtime_ns == written
+    history = json.loads((student / "history.json").read_text())
+    assert len(history["loss"]) == 2 and "val_accuracy" in history
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    assert cli.main(["evaluate", str(student), "--no-ablation"]) == 0
+
+
+def tiny_config_overrides():
+    from multimodal_tf.testing import TINY_OVERRIDES
+
+    return TINY_OVERRIDES
+
+
+def test_targets_must_share_classes_and_cover_every_student_id(teacher_run, synth_manifest, tmp_path):
+    config, metadata, _ = load_trained_model(teacher_run)
+    cache = tmp_path / TEACHER_TARGETS_FILE
+    ids = np.concatenate([split_ids(config, s, metadata) for s in ("train", "val")])
+    targets = {"ids": ids, "probabilities": None, "label_names": list(metadata.label_names)}
+    check_targets(targets, config, metadata, cache)  # complete: passes
+    with pytest.raises(ValueError, match=f"no teacher prediction for 1 train example.*{ids[3].decode()}"):
+        check_targets({**targets, "ids": np.delete(ids, 3)}, config, metadata, cache)
+    with pytest.raises(ValueError, match="teacher classes"):
+        check_targets({**targets, "label_names": ["a", "b"]}, config, metadata, cache)
