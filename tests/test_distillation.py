@@ -105,6 +105,7 @@ def teacher_run(synth_manifest, tmp_path_factory):
     config = tiny_config(
         f"data.manifest={synth_manifest}",
         f"train.output_dir={out / 'run'}",
+        "model.modalities=[image,text]",  # audio's log-mel would only add seconds here
         "model.ensemble_size=2",
         "model.fusion.name=late",
         "model.modality_dropout.text=0.5",
@@ -114,7 +115,14 @@ def teacher_run(synth_manifest, tmp_path_factory):
 
 def test_student_trains_from_the_cache_after_the_teacher_is_gone(teacher_run, synth_manifest, tmp_path):
     student = tmp_path / "student"
-    args = ["--set", f"data.manifest={synth_manifest}", "--set", "model.modality_dropout.image=0.5"]
+    args = [
+        "--set",
+        f"data.manifest={synth_manifest}",
+        "--set",
+        "model.modalities=[image,text]",
+        "--set",
+        "model.modality_dropout.image=0.5",
+    ]
     tiny = [a for o in tiny_config_overrides() for a in ("--set", o)]
     assert cli.main(["distill", str(teacher_run), *tiny, *args, "--out", str(student)]) == 0
     info = json.loads((student / TEACHER_INFO_FILE).read_text())
@@ -143,7 +151,6 @@ def test_student_trains_from_the_cache_after_the_teacher_is_gone(teacher_run, sy
     assert len(history["loss"]) == 2 and "val_accuracy" in history
     metrics = json.loads((student / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
-    assert cli.main(["evaluate", str(student), "--no-ablation"]) == 0
 
 
 def tiny_config_overrides():
@@ -162,3 +169,34 @@ def test_targets_must_share_classes_and_cover_every_student_id(teacher_run, synt
         check_targets({**targets, "ids": np.delete(ids, 3)}, config, metadata, cache)
     with pytest.raises(ValueError, match="teacher classes"):
         check_targets({**targets, "label_names": ["a", "b"]}, config, metadata, cache)
+
+
+@pytest.mark.slow
+def test_distilled_run_evaluates_and_exports_equal_to_the_model(teacher_run, synth_manifest, tmp_path):
+    """Three modalities, audio included; the export reloaded in a fresh process equals the student."""
+    from tests.test_export import test_reload_in_a_fresh_process_equals_the_in_memory_model as reload_equals
+
+    student = tmp_path / "student"
+    tiny = [a for o in tiny_config_overrides() for a in ("--set", o)]
+    assert (
+        cli.main(
+            [
+                "distill",
+                str(teacher_run),
+                *tiny,
+                "--set",
+                f"data.manifest={synth_manifest}",
+                "--out",
+                str(student),
+            ]
+        )
+        == 0
+    )
+    assert cli.main(["evaluate", str(student), "--no-ablation"]) == 0
+    report = json.loads((student / "report.json").read_text())
+    metrics = json.loads((student / "metrics.json").read_text())
+    assert report["metrics"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+    assert (
+        cli.main(["export", str(student), "--base-path", str(tmp_path / "models"), "--model-name", "s"]) == 0
+    )
+    reload_equals((student, tmp_path / "models" / "s" / "1"), tmp_path)
