@@ -197,7 +197,7 @@ def write_docs(text: str) -> None:
     if HEADING in current:
         start = current.index(HEADING)
         end = current.find("\n## ", start + len(HEADING))
-        current = current[:start] + text + (current[end + 1 :] if end >= 0 else "")
+        current = current[:start] + text + ("\n" + current[end + 1 :] if end >= 0 else "")
     else:
         current = current.rstrip("\n") + "\n\n" + text
     DOCS.write_text(current)
