@@ -37,6 +37,9 @@ def indexed(synth_manifest, tmp_path_factory):
         "model.alignment.weight=1",
         "model.alignment.pairs=[[image,text],[audio,text]]",
         "model.alignment.dim=8",
+        # Encoders without recurrent layers: tracing LSTMs dominated this fixture.
+        "model.text_encoder.name=text/bow",
+        "model.audio_encoder.name=audio/stats",
     )
     run = train(config, progress=False)
     assert cli.main(["export", str(run), "--base-path", str(out / "models"), "--model-name", "m"]) == 0
@@ -52,6 +55,8 @@ def _numpy_top_k(queries, corpus, ids, k):
     return np.asarray(ids)[order], np.take_along_axis(scores, order, axis=1)
 
 
+# slow: shares the module's train + export + index fixture (~90 s CPU).
+@pytest.mark.slow
 def test_exported_embeddings_equal_the_in_memory_model(indexed, synth_manifest):
     run, export, _, _ = indexed
     config, metadata, model = load_trained_model(run)
@@ -67,6 +72,8 @@ def test_exported_embeddings_equal_the_in_memory_model(indexed, synth_manifest):
         np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, rtol=1e-5)
 
 
+# slow: shares the module's train + export + index fixture (~90 s CPU).
+@pytest.mark.slow
 def test_search_equals_brute_force_numpy_search(indexed):
     _, export, indexed_version, manifest = indexed
     config_text = (indexed_version / "assets.extra" / "index.json").read_text()
@@ -87,6 +94,8 @@ def test_search_equals_brute_force_numpy_search(indexed):
     assert {"serving_default", "classify", "embed_text", "search_audio"} <= set(searcher.signatures)
 
 
+# slow: shares the module's train + export + index fixture (~90 s CPU).
+@pytest.mark.slow
 def test_search_is_served_over_grpc_and_rest(indexed):
     _, _, indexed_version, _ = indexed
     expected = tf.saved_model.load(str(indexed_version)).signatures["search"](text=tf.constant(QUERIES))
@@ -118,6 +127,8 @@ def _text(value) -> str:
     return base64.b64decode(value["b64"]).decode() if isinstance(value, dict) else value
 
 
+# slow: shares the module's train + export + index fixture (~90 s CPU).
+@pytest.mark.slow
 def test_index_rejects_a_modality_the_model_does_not_align(indexed, capsys):
     _, export, _, manifest = indexed
     assert (
@@ -165,6 +176,8 @@ def test_retrieval_metrics_equal_numpy_and_chance_is_exact():
     assert chance["chance_median_rank"] == pytest.approx(np.mean(positions))
 
 
+# slow: shares the module's train + export + index fixture (~90 s CPU).
+@pytest.mark.slow
 def test_evaluate_reports_retrieval_for_each_pair_and_direction(indexed):
     run = indexed[0]
     report = evaluate(run, ablation=False)
