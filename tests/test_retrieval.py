@@ -10,6 +10,7 @@ import json
 import grpc
 import numpy as np
 import pytest
+import serving_helpers as helpers
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from multimodal_tf import cli
@@ -17,7 +18,9 @@ from multimodal_tf.alignment import embedding_model
 from multimodal_tf.compat import tf
 from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.evaluation import evaluate
-from multimodal_tf.retrieval import read_corpus, retrieval_metrics
+from multimodal_tf.export import ServingModule
+from multimodal_tf.models import build_model
+from multimodal_tf.retrieval import EmbeddingModule, SearchModule, read_corpus, retrieval_metrics
 from multimodal_tf.run_dir import load_trained_model
 from multimodal_tf.serving import ModelServer, ModelSpec
 from multimodal_tf.testing import tiny_config
@@ -47,6 +50,44 @@ def indexed(synth_manifest, tmp_path_factory):
     argv = ["index", str(export), "--manifest", str(synth_manifest), "--modality", "image"]
     assert cli.main([*argv, "--top-k", str(TOP_K)]) == 0
     return run, export, out / "models" / "m" / "2", synth_manifest
+
+
+def test_untrained_export_embeds_and_searches_like_numpy(tmp_path):
+    """The default-run check (no training): embed signatures and search vs the in-memory model and NumPy."""
+    from multimodal_tf.compat import keras  # noqa: PLC0415
+    from multimodal_tf.data import features  # noqa: PLC0415
+
+    config = tiny_config(
+        "model.modalities=[image,text]",
+        "model.text_encoder.name=text/bow",
+        "model.alignment.weight=1",
+        "model.alignment.pairs=[[image,text]]",
+        "model.alignment.dim=8",
+    )
+    keras.utils.set_random_seed(0)
+    model = build_model(config, num_classes=3, vocab_size=len(helpers.VOCABULARY))
+    preprocessor = Preprocessor(config.data, helpers.VOCABULARY, config.model)
+    specs = features.model_feature_specs(config.data, config.model)
+    module = ServingModule(model, preprocessor, helpers.CLASS_NAMES, "multiclass", specs)
+    module.embedding = EmbeddingModule(model, preprocessor, ("image", "text"))
+    module.save(tmp_path / "1")
+    loaded = tf.saved_model.load(str(tmp_path / "1"))
+    inputs = helpers.make_inputs(12, seed=4)
+    corpus = {}
+    for modality in ("image", "text"):
+        raw = tf.constant(inputs[modality])
+        served = loaded.signatures[f"embed_{modality}"](**{modality: raw})["embedding"].numpy()
+        alone = {m: raw if m == modality else tf.fill([12], "") for m in ("image", "text")}
+        local = embedding_model(model, modality)(preprocessor(alone)[modality]).numpy()
+        np.testing.assert_allclose(served, local, atol=1e-5)
+        corpus[modality] = served
+    ids = [f"item{i}" for i in range(12)]
+    searcher = SearchModule(loaded, corpus["image"], ids, TOP_K, ("text",))
+    tf.saved_model.save(searcher, str(tmp_path / "2"), signatures=searcher.signatures())
+    got = tf.saved_model.load(str(tmp_path / "2")).signatures["search"](text=tf.constant(inputs["text"][:4]))
+    expected_ids, expected_scores = _numpy_top_k(corpus["text"][:4], corpus["image"], ids, TOP_K)
+    np.testing.assert_array_equal(got["ids"].numpy().astype(str), expected_ids)
+    np.testing.assert_allclose(got["scores"].numpy(), expected_scores, atol=1e-5)
 
 
 def _numpy_top_k(queries, corpus, ids, k):
