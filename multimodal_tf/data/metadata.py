@@ -20,6 +20,8 @@ class DatasetMetadata:
         shards: per split: TFRecord file names (relative to the folder).
         sample_rate: sample rate of the stored WAV audio.
         source: manifest path and fingerprint of the conversion settings.
+        targets: per extra target of ``data.targets`` (multimodal_tf/targets.py):
+            type, column, label names (multilabel) and per-split counts.
     """
 
     label_names: list[str]
@@ -28,6 +30,7 @@ class DatasetMetadata:
     shards: dict
     sample_rate: int
     source: dict
+    targets: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
