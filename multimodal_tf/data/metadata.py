@@ -39,7 +39,10 @@ class DatasetMetadata:
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / METADATA_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False))
+        fields = dataclasses.asdict(self)
+        if not fields["targets"]:  # a single-target dataset's file stays as it was before targets
+            del fields["targets"]
+        tmp.write_text(json.dumps(fields, indent=1, ensure_ascii=False))
         tmp.replace(path)
 
     @classmethod
