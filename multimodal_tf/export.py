@@ -179,6 +179,9 @@ class ServingModule(tf.Module):
         extra = {}
         if self.regression:
             extra[REGRESS_SIGNATURE] = self.regress.get_concrete_function(string(CLASSIFY_INPUTS))
+        embedding = getattr(self, "embedding", None)  # model.alignment: retrieval.EmbeddingModule
+        if embedding is not None:
+            extra |= embedding.signatures()
         return {
             **extra,
             DEFAULT_SIGNATURE: self.serve_raw.get_concrete_function({m: string(m) for m in self.modalities}),
@@ -382,6 +385,10 @@ def export_run(
         specs,
         serving_targets(config, metadata),
     )
+    if config.model.alignment.enabled:
+        from multimodal_tf.retrieval import EmbeddingModule  # noqa: PLC0415
+
+        module.embedding = EmbeddingModule(model, preprocessor, config.model.alignment.modalities)
     # TF Serving ignores non-numeric folders, so a half-written export is invisible.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:

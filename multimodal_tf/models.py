@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from multimodal_tf import targets as targets_lib
+from multimodal_tf.alignment import add_alignment
 from multimodal_tf.calibration import TemperatureScaling
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import HEAD_TYPES, MODALITIES, EncoderConfig, ExperimentConfig, ModelConfig
@@ -146,6 +147,8 @@ def build_model(
         raise ValueError(f"model.ensemble_size must be >= 1, got {size}")
     seed = config.train.seed
     calibrated = config.train.calibration == "temperature"
+    if size > 1 and config.model.alignment.enabled:
+        raise ValueError("model.alignment needs model.ensemble_size 1 (members would each have a space)")
     if config.data.targets:
         return _build_classifier(
             config, num_classes, vocab_size, seed, "multimodal_targets", target_sizes=target_sizes or {}
@@ -291,6 +294,8 @@ def _build_classifier(
     else:
         outputs = output_layer(x)
     model = keras.Model(inputs=inputs, outputs=outputs, name=name)
+    if model_config.alignment.enabled:
+        add_alignment(model, model_config.alignment, inputs, embeddings)
 
     for modality in modalities:
         checkpoint = encoder_config(model_config, modality).checkpoint

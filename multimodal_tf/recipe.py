@@ -142,6 +142,19 @@ def build_for(config: ExperimentConfig, metadata: DatasetMetadata):
     return build_model(config, num_classes_of(config, metadata), vocab, target_sizes=sizes)
 
 
+def loss_weights_for(config: ExperimentConfig):
+    """Keras ``loss_weights``: per target (data.targets), times the alignment's classification weight.
+
+    ``model.alignment`` adds its loss to ``model.losses``; its
+    ``classification_weight`` weighs the head's loss (every target's, with
+    ``data.targets``). None: every output weighs 1.
+    """
+    scale = config.model.alignment.classification_weight if config.model.alignment.enabled else 1.0
+    if config.data.targets:
+        return {name: weight * scale for name, weight in targets_lib.loss_weights(config.data).items()}
+    return [scale] if config.model.alignment.enabled else None
+
+
 def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_replicas: int = 1):
     """``build_model`` compiled with the config's optimizer, loss and metrics.
 
@@ -170,7 +183,7 @@ def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_repli
         model.compile(
             optimizer=optimizer,
             loss=loss_for(config),
-            loss_weights=targets_lib.loss_weights(config.data) if config.data.targets else None,
+            loss_weights=loss_weights_for(config),
             metrics=metrics_for(config),
             jit_compile=config.train.jit_compile,
             steps_per_execution=config.train.steps_per_execution,

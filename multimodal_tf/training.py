@@ -177,8 +177,11 @@ def _local_copy(model, config: ExperimentConfig, metadata):
         return model
     local = recipe.build_for(config, metadata)
     local.set_weights(weights)
-    weights_of_targets = targets_lib.loss_weights(config.data) if config.data.targets else None
-    local.compile(loss=loss_for(config), loss_weights=weights_of_targets, metrics=recipe.metrics_for(config))
+    local.compile(
+        loss=loss_for(config),
+        loss_weights=recipe.loss_weights_for(config),
+        metrics=recipe.metrics_for(config),
+    )
     return local
 
 
