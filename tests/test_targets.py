@@ -368,3 +368,22 @@ def test_a_search_trains_targets_and_scores_the_primary_accuracy(target_manifest
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["COMPLETED"] * 2
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)  # val_category_accuracy, not a missing metric
+
+
+# One epoch of image+text with alignment: ~15 s idle, with the slow tests.
+@pytest.mark.slow
+def test_targets_train_jointly_with_the_alignment_loss(target_manifest):
+    config = tiny_config(
+        f"data.manifest={target_manifest}",
+        TARGET_OVERRIDE,
+        "model.modalities=[image,text]",
+        "model.text_encoder.name=text/bow",
+        "model.alignment.weight=0.5",
+        "model.alignment.pairs=[[image,text]]",
+        "model.alignment.classification_weight=0.5",
+    )
+    assert recipe.loss_weights_for(config) == {"category": 0.5, "tags": 0.5, "score": 0.25}
+    model, history = fit_with_the_recipe(config)
+    assert set(model.output) == {"category", "tags", "score"}
+    assert np.isfinite(history["loss"]).all() and np.isfinite(history["val_tags_loss"]).all()
+    assert any("align" in key for key in history), sorted(history)
