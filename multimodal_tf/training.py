@@ -17,14 +17,14 @@ from pathlib import Path
 from multimodal_tf import config as config_lib
 from multimodal_tf import distribute, recipe
 from multimodal_tf import run_dir as run_files
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.calibration import calibrate_model
 from multimodal_tf.callbacks import Throughput
 from multimodal_tf.compat import keras
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.cache import default_tfrecord_dir, prepare_data
 from multimodal_tf.data.pipeline import make_dataset
-from multimodal_tf.data.text import vocabulary_size
-from multimodal_tf.models import build_model, loss_for
+from multimodal_tf.models import loss_for
 
 
 def run_callbacks(
@@ -49,7 +49,7 @@ def run_callbacks(
         # ensemble costs ~1.2 s.
         keras.callbacks.ModelCheckpoint(
             str(out / run_files.BEST_WEIGHTS),
-            monitor=train.monitor,
+            monitor=targets_lib.monitor(config),
             save_best_only=True,
             save_weights_only=True,
         ),
@@ -197,13 +197,13 @@ def _local_copy(model, config: ExperimentConfig, metadata):
     weights = model.get_weights()
     if not distribute.is_chief():
         return model
-    local = build_model(
-        config,
-        recipe.num_classes_of(config, metadata),
-        vocabulary_size(config.data.text, metadata.vocabulary),
-    )
+    local = recipe.build_for(config, metadata)
     local.set_weights(weights)
-    local.compile(loss=loss_for(config), metrics=recipe.metrics_for(config))
+    local.compile(
+        loss=loss_for(config),
+        loss_weights=recipe.loss_weights_for(config),
+        metrics=recipe.metrics_for(config),
+    )
     return local
 
 
@@ -214,7 +214,11 @@ def _write_final_metrics(config, model, metadata, run_dir: Path, calibration: di
     for split in ("val", "test"):
         if split in metadata.shards:
             ds = recipe.supervised_dataset(
-                make_dataset(config, split, training=False, metadata=metadata), config, num_classes
+                make_dataset(
+                    config, split, training=False, metadata=metadata, with_targets=bool(config.data.targets)
+                ),
+                config,
+                num_classes,
             )
             values = model.evaluate(ds, verbose=0, return_dict=True)
             results[split] = {k: float(v) for k, v in values.items()}
