@@ -1,10 +1,13 @@
 """Time budgets: ``--time-budget 10m`` parsed, a shared deadline and its Keras callbacks.
 
 A budget bounds a whole automatic run (``mmtf train --manifest`` without a
-config) or a Keras Tuner search (``mmtf tune --time-budget``). Training stops
-at the next batch boundary once the deadline has passed (Keras then still
-runs that epoch's validation, so the checkpoint logic sees a scored epoch),
-and the best weights or trial so far are kept. Parsing imports no
+config), a configured run (``mmtf train --config C --time-budget``) or a
+Keras Tuner search (``mmtf tune --time-budget``). Training stops at the next
+batch boundary once the deadline has passed (Keras then still runs that
+epoch's validation, so the checkpoint logic sees a scored epoch), and the
+best weights or trial so far are kept. A configured run stops earlier by
+what it still has to do after ``fit`` (:meth:`StopAtDeadline.plan_finish`),
+so the whole command ends within its budget. Parsing imports no
 TensorFlow, so the CLI can reject a bad value before loading it.
 """
 
@@ -73,6 +76,12 @@ def keras_callbacks():
         end of a long epoch. ``stopped`` says whether it fired;
         ``first_batch_end`` and ``last_batch_end`` (monotonic seconds) tell
         a caller what a run spent before and after its batches.
+
+        With :meth:`plan_finish` it stops early enough for the work left
+        after ``fit``: the stopped epoch's validation plus ``passes`` more
+        passes over the validation data (calibration, final metrics; the
+        test split counted in validation-pass units), each priced at the
+        slowest validation pass seen, and ``seconds`` of file writing.
         """
 
         def __init__(self, deadline: Deadline, record: dict | None = None):
@@ -80,6 +89,8 @@ def keras_callbacks():
             self.deadline = deadline
             self.stopped = False
             self.first_batch_end = self.last_batch_end = None
+            self.passes, self.finish_seconds = None, 0.0  # None: stop at the deadline itself
+            self.validation_seconds, self._test_started = 0.0, None
             # Shared by copies (Keras Tuner deep-copies callbacks per trial):
             # the monotonic time each fit's first batch ended.
             self.record = {} if record is None else record
@@ -87,11 +98,29 @@ def keras_callbacks():
         def __deepcopy__(self, memo):
             return type(self)(self.deadline, self.record)
 
+        def plan_finish(self, passes: float, seconds: float = 0.0) -> None:
+            """Reserves time for ``passes`` validation passes and ``seconds`` more after ``fit``."""
+            self.passes, self.finish_seconds = passes, seconds
+
+        def reserve(self) -> float:
+            """Seconds kept back from the deadline (0 until a validation pass has been timed)."""
+            if self.passes is None:
+                return 0.0
+            return (1.0 + self.passes) * self.validation_seconds + self.finish_seconds
+
+        def on_test_begin(self, logs=None):
+            self._test_started = time.monotonic()
+
+        def on_test_end(self, logs=None):
+            if self._test_started is not None:
+                spent = time.monotonic() - self._test_started
+                self.validation_seconds = max(self.validation_seconds, spent)
+
         def on_train_batch_end(self, batch, logs=None):
             self.last_batch_end = time.monotonic()
             if self.first_batch_end is None:
                 self.first_batch_end = self.record["first_batch_end"] = self.last_batch_end
-            if self.deadline.expired():
+            if self.deadline.remaining() <= self.reserve():
                 self.stopped = True
                 self.model.stop_training = True
 

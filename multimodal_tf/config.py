@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,6 +43,10 @@ from multimodal_tf.typed_config import (  # noqa: F401  (ConfigError, from_dict,
 
 MODALITIES = ("image", "text", "audio")
 HEAD_TYPES = ("multiclass", "binary", "multilabel")
+MULTICLASS, MULTILABEL, REGRESSION = "multiclass", "multilabel", "regression"
+TARGET_TYPES = (MULTICLASS, MULTILABEL, REGRESSION)
+EXTRA_TARGET_TYPES = (MULTILABEL, REGRESSION)  # the types of targets after the primary one
+TARGET_NAME = re.compile(r"[a-z][a-z0-9_]*")
 STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server", "tpu")
 
 
@@ -109,6 +114,56 @@ class AudioConfig(Checked):
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetConfig(Checked):
+    """One thing the model predicts, from a manifest column (see multimodal_tf/targets.py)."""
+
+    name: str = ""  # output name: lower-case letters, digits and _
+    column: str = ""  # the manifest column
+    type: str = option(MULTICLASS, choices=TARGET_TYPES)
+    loss_weight: float = option(1.0, minimum=0.0)  # this target's loss is multiplied by it
+    separator: str = "|"  # multilabel: between the labels of a cell
+
+
+def check_targets(targets: tuple[TargetConfig, ...], label_column: str) -> None:
+    """Raises ConfigFieldError (naming ``targets[i].field``) for an inconsistent target list.
+
+    The first target is the primary one: multiclass on the label column, so
+    that class names, class weights, stratified validation and the Classify
+    API keep working as they do for the implicit single target. The others
+    are multilabel or regression targets on other columns.
+    """
+    if not targets:
+        return
+    names = [t.name for t in targets]
+    for i, target in enumerate(targets):
+        if not TARGET_NAME.fullmatch(target.name):
+            raise ConfigFieldError(
+                f"targets[{i}].name", f"use lower-case letters, digits and _, got {target.name!r}"
+            )
+        if not target.column:
+            raise ConfigFieldError(f"targets[{i}].column", "name the manifest column")
+    if len(set(names)) != len(names):
+        raise ConfigFieldError("targets", f"names must be distinct, got {names}")
+    first = targets[0]
+    if first.type != MULTICLASS or first.column != label_column:
+        raise ConfigFieldError(
+            "targets[0]",
+            f"the primary target must be multiclass on the label column {label_column!r} "
+            f"(data.columns.label), got {first.type} on {first.column!r}",
+        )
+    for i, target in enumerate(targets[1:], start=1):
+        if target.type not in EXTRA_TARGET_TYPES:
+            raise ConfigFieldError(
+                f"targets[{i}].type",
+                f"targets after the primary one are {list(EXTRA_TARGET_TYPES)}, got {target.type!r}",
+            )
+        if target.column == label_column:
+            raise ConfigFieldError(f"targets[{i}].column", f"{label_column!r} is the primary target's column")
+        if target.type == MULTILABEL and not target.separator:
+            raise ConfigFieldError(f"targets[{i}].separator", "a multilabel target needs a separator")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig(Checked):
     """Where the data is and how every modality is preprocessed."""
 
@@ -137,6 +192,13 @@ class DataConfig(Checked):
     # split's features fit cache_memory_mb, else in a temporary file.
     cache: bool = True
     cache_memory_mb: int = option(2048, minimum=0)
+    # What the model predicts (multimodal_tf/targets.py); empty: one
+    # multiclass target on columns.label, as before targets existed.
+    targets: tuple[TargetConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_targets(self.targets, self.columns.label)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +278,44 @@ class ModalityDropoutConfig(Checked):
 
 
 @dataclasses.dataclass(frozen=True)
+class AlignmentConfig(Checked):
+    """Contrastive alignment of modality embeddings (alignment.py); ``weight`` 0 = off.
+
+    Each pair's encoder outputs are projected to ``dim``, L2-normalised and
+    pulled together by a symmetric InfoNCE loss (CLIP), on the examples where
+    both modalities of the pair are present.
+    """
+
+    weight: float = option(0.0, minimum=0.0)  # of the alignment loss; 0 disables alignment
+    temperature: float = option(0.07, minimum=1e-4)  # softmax temperature of the similarities
+    pairs: tuple[tuple[str, ...], ...] = ()  # e.g. [[image, text], [audio, text]]
+    dim: int = option(64, minimum=1)  # size of the shared embedding space
+    # Weight of the classification loss next to the alignment loss; 0 trains
+    # the alignment alone (the head then stays at its initial weights).
+    classification_weight: float = option(1.0, minimum=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, pair in enumerate(self.pairs):
+            if len(pair) != 2 or len(set(pair)) != 2 or not set(pair) <= set(MODALITIES):
+                raise ConfigFieldError(
+                    f"pairs[{i}]",
+                    f"expected two different modalities from {list(MODALITIES)}, got {list(pair)}",
+                )
+        if self.weight > 0 and not self.pairs:
+            raise ConfigFieldError("pairs", "alignment.weight > 0 needs at least one pair")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0 and bool(self.pairs)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The aligned modalities, in MODALITIES order."""
+        return tuple(m for m in MODALITIES if any(m in pair for pair in self.pairs))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig(Checked):
     """The model: which modalities, their encoders, fusion and head."""
 
@@ -231,9 +331,13 @@ class ModelConfig(Checked):
     # initialised copies of the whole model, each trained on its own loss,
     # whose probabilities are averaged (models.EnsembleModel).
     ensemble_size: int = option(1, minimum=1)
+    alignment: AlignmentConfig = AlignmentConfig()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        outside = [m for m in self.alignment.modalities if m not in self.modalities]
+        if outside:
+            raise ConfigFieldError("alignment.pairs", f"modalities {outside} are not in model.modalities")
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if not self.modalities or unknown or len(set(self.modalities)) != len(self.modalities):
             raise ConfigFieldError(
@@ -327,6 +431,15 @@ class ExperimentConfig(Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.data.targets:  # what the extra heads do not (yet) combine with
+            if self.model.ensemble_size > 1:
+                raise ConfigFieldError("model.ensemble_size", "data.targets need a single model (1)")
+            if self.train.calibration != "none":
+                raise ConfigFieldError(
+                    "train.calibration", "temperature scaling of data.targets is not built"
+                )
+            if self.model.head.type != "multiclass":
+                raise ConfigFieldError("model.head.type", "with data.targets each target sets its own type")
         for modality in self.model.modalities:
             try:
                 getattr(self.model, f"{modality}_encoder").check_data(self.data)

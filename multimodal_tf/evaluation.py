@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.calibration import (
     NUM_BINS,
     expected_calibration_error,
@@ -35,8 +36,12 @@ def predict_split(model, config, metadata, split: str, drop: tuple[str, ...] = (
 
     dataset = make_dataset(config, split, training=False, metadata=metadata, with_ids=True).map(remove)
     probabilities, labels, ids = [], [], []
+    primary = config.data.targets[0].name if config.data.targets else None
     for x, y, example_ids in dataset:
-        probabilities.append(model(x, training=False).numpy())
+        output = model(x, training=False)
+        if primary is not None:  # data.targets: the primary target's output
+            output = output[primary]
+        probabilities.append(output.numpy())
         labels.append(y.numpy())
         ids.append(example_ids.numpy())
     probabilities = np.concatenate(probabilities)
@@ -196,6 +201,10 @@ def evaluate(
         k: f"eval_{split}/{v}"
         for k, v in _plots(probabilities, labels, metadata.label_names, out_dir).items()
     }
+    if config.data.targets[1:]:
+        dataset = make_dataset(config, split, training=False, metadata=metadata, with_targets=True)
+        outputs, labels_of = targets_lib.predict_targets(model, dataset)
+        report["targets"] = targets_lib.report_sections(config.data, metadata, outputs, labels_of)
     if (run_dir / CALIBRATION_FILE).exists():  # train.calibration: temperature
         report["calibration"] = json.loads((run_dir / CALIBRATION_FILE).read_text())
     if ablation:
@@ -204,6 +213,10 @@ def evaluate(
         report["robustness"] = robustness_report(model, config, metadata, split, out_dir, robustness)
     if isinstance(model, EnsembleModel):
         report["members"] = ensemble_members(model, config, metadata, split)
+    if config.model.alignment.enabled:
+        from multimodal_tf.retrieval import retrieval_report  # noqa: PLC0415
+
+        report["retrieval"] = retrieval_report(model, config, metadata, split)
     report["comparison"] = [_comparison_row(run_dir, config, report["metrics"])]
     for other in compare:
         other_config, other_metadata, other_model = load_trained_model(other)
@@ -215,7 +228,12 @@ def evaluate(
         for i, y, p in zip(ids, labels, probabilities, strict=False):
             f.write(f"{i.decode()},{y},{p.argmax()}," + ",".join(f"{v:.5f}" for v in p) + "\n")
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (run_dir / "report.md").write_text(to_markdown(report, metadata.label_names))
+    markdown = to_markdown(report, metadata.label_names)
+    if "retrieval" in report:
+        from multimodal_tf.retrieval import retrieval_markdown  # noqa: PLC0415
+
+        markdown += "\n" + retrieval_markdown(report["retrieval"])
+    (run_dir / "report.md").write_text(markdown)
     return report
 
 
@@ -254,6 +272,8 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
         lines.append(
             f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
         )
+    if report.get("targets"):
+        lines += targets_lib.to_markdown(report["targets"])
     if report.get("ablation"):
         lines += ["", "## Modality ablation", "", "| setting | accuracy |", "|---|---|"]
         lines += [f"| {r['setting']} | {r['accuracy']:.4f} |" for r in report["ablation"]]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from multimodal_tf import config as config_lib
 from multimodal_tf.compat import tf
+from multimodal_tf.config import MULTILABEL, REGRESSION
 from multimodal_tf.data import features
 from multimodal_tf.data.cache import default_tfrecord_dir
 from multimodal_tf.data.preprocessing import Preprocessor
@@ -32,11 +33,17 @@ from multimodal_tf.signatures import (
     CLASSIFY_SIGNATURE,
     DEFAULT_SIGNATURE,
     EXAMPLES_INPUT,
+    LABELS,
     PREDICT_EXAMPLES_SIGNATURE,
     PREDICT_FEATURES_SIGNATURE,
     PROBABILITIES,
+    REGRESS_METHOD,
+    REGRESS_OUTPUTS,
+    REGRESS_SIGNATURE,
     SCORES,
+    VALUE,
     WARMUP_FILE_NAME,
+    target_output,
 )
 
 # The tensorflow-text each TF Serving release line embeds (FACTS.md, "TF
@@ -71,9 +78,22 @@ class ServingModule(tf.Module):
         label_names: class names, index = class id.
         head_type: ``multiclass``, ``binary`` or ``multilabel``.
         feature_specs: the model's preprocessed inputs (``predict_features``).
+        targets: with ``data.targets``, (name, type, label names) per target,
+            primary first: the model then outputs a dict; the primary target
+            fills the usual outputs and Classify, every target adds its
+            ``<target>/...`` outputs, and the first regression target gets
+            a ``regress`` signature (TF Serving's Regress API).
     """
 
-    def __init__(self, model, preprocessor: Preprocessor, label_names, head_type: str, feature_specs: dict):
+    def __init__(
+        self,
+        model,
+        preprocessor: Preprocessor,
+        label_names,
+        head_type: str,
+        feature_specs: dict,
+        targets: tuple = (),
+    ):
         super().__init__(name="serving")
         self.model = model
         # Traced once and shared by every signature: tracing the model (LSTMs
@@ -86,9 +106,36 @@ class ServingModule(tf.Module):
         self.label_names = tf.constant(list(label_names))
         self.head_type = head_type
         self.modalities = preprocessor.modalities
+        self.targets = tuple(targets)
+        self.target_labels = {
+            name: tf.constant(list(names)) for name, kind, names in self.targets if kind == MULTILABEL
+        }
+        self.regression = next((name for name, kind, _ in self.targets if kind == REGRESSION), None)
+
+    def _target_outputs(self, predicted: dict) -> dict:
+        """``<target>/...`` outputs of every target (see signatures.target_output)."""
+        outputs = {}
+        for name, kind, _ in self.targets:
+            value = predicted[name]
+            if kind == REGRESSION:
+                outputs[target_output(name, VALUE)] = value[:, 0]
+                continue
+            outputs[target_output(name, PROBABILITIES)] = value
+            if kind == MULTILABEL:
+                labels = self.target_labels[name]
+                outputs[target_output(name, LABELS)] = tf.tile(labels[None, :], [tf.shape(value)[0], 1])
+            else:
+                class_id = tf.argmax(value, axis=-1, output_type=tf.int64)
+                outputs[target_output(name, CLASS_ID)] = class_id
+                outputs[target_output(name, CLASS_NAME)] = tf.gather(self.label_names, class_id)
+        return outputs
 
     def _outputs(self, model_features: dict) -> dict:
         probabilities = self.predict_probabilities(model_features)
+        extra = {}
+        if self.targets:
+            extra = self._target_outputs(probabilities)
+            probabilities = probabilities[self.targets[0][0]]
         if self.head_type == "binary":  # one sigmoid unit -> [P(0), P(1)]
             probabilities = tf.concat([1.0 - probabilities, probabilities], axis=-1)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
@@ -100,6 +147,7 @@ class ServingModule(tf.Module):
         for modality in self.modalities:
             name = features.presence_name(modality)
             outputs[name] = model_features[name]
+        outputs.update(extra)
         return outputs
 
     @tf.function
@@ -121,9 +169,21 @@ class ServingModule(tf.Module):
         classes = tf.tile(self.label_names[None, :], [tf.shape(scores)[0], 1])
         return {CLASSES: classes, SCORES: scores}
 
+    @tf.function
+    def regress(self, inputs):
+        outputs = self._outputs(self.preprocessor(self.preprocessor.parse_examples(inputs)))
+        return {REGRESS_OUTPUTS: outputs[target_output(self.regression, VALUE)]}
+
     def signatures(self) -> dict:
         string = lambda name: tf.TensorSpec([None], tf.string, name=name)  # noqa: E731
+        extra = {}
+        if self.regression:
+            extra[REGRESS_SIGNATURE] = self.regress.get_concrete_function(string(CLASSIFY_INPUTS))
+        embedding = getattr(self, "embedding", None)  # model.alignment: retrieval.EmbeddingModule
+        if embedding is not None:
+            extra |= embedding.signatures()
         return {
+            **extra,
             DEFAULT_SIGNATURE: self.serve_raw.get_concrete_function({m: string(m) for m in self.modalities}),
             PREDICT_EXAMPLES_SIGNATURE: self.serve_examples.get_concrete_function(string(EXAMPLES_INPUT)),
             CLASSIFY_SIGNATURE: self.classify.get_concrete_function(string(CLASSIFY_INPUTS)),
@@ -134,6 +194,17 @@ class ServingModule(tf.Module):
         """Writes the SavedModel with its signatures, ``classify`` marked for TF Serving's Classify."""
         tf.saved_model.save(self, str(directory), signatures=self.signatures())
         set_method_name(directory, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
+        if self.regression:
+            set_method_name(directory, REGRESS_SIGNATURE, REGRESS_METHOD)
+
+
+def serving_targets(config, metadata) -> tuple:
+    """(name, type, label names) per target of ``data.targets`` (empty without targets)."""
+    out = []
+    for i, target in enumerate(config.data.targets):
+        names = metadata.label_names if i == 0 else metadata.targets[target.name]["label_names"]
+        out.append((target.name, target.type, tuple(names)))
+    return tuple(out)
 
 
 def default_target_serving() -> str:
@@ -306,7 +377,18 @@ def export_run(
         raise ExportError(f"{final} already exists; pick another --version")
     preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model)
     specs = features.model_feature_specs(config.data, config.model)
-    module = ServingModule(model, preprocessor, metadata.label_names, config.model.head.type, specs)
+    module = ServingModule(
+        model,
+        preprocessor,
+        metadata.label_names,
+        config.model.head.type,
+        specs,
+        serving_targets(config, metadata),
+    )
+    if config.model.alignment.enabled:
+        from multimodal_tf.retrieval import EmbeddingModule  # noqa: PLC0415
+
+        module.embedding = EmbeddingModule(model, preprocessor, config.model.alignment.modalities)
     # TF Serving ignores non-numeric folders, so a half-written export is invisible.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:

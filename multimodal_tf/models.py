@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from multimodal_tf import targets as targets_lib
+from multimodal_tf.alignment import add_alignment
 from multimodal_tf.calibration import TemperatureScaling
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import HEAD_TYPES, MODALITIES, EncoderConfig, ExperimentConfig, ModelConfig
@@ -115,7 +117,12 @@ def encoder_config(model_config: ModelConfig, modality: str) -> EncoderConfig:
     return getattr(model_config, f"{modality}_encoder")
 
 
-def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> keras.Model:
+def build_model(
+    config: ExperimentConfig,
+    num_classes: int,
+    vocab_size: int,
+    target_sizes: Mapping[str, int] | None = None,
+) -> keras.Model:
     """Builds the (uncompiled) multimodal classifier.
 
     Args:
@@ -123,6 +130,8 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
             ``config.model``.
         num_classes: number of classes (2 for a binary head).
         vocab_size: text vocabulary size (token ids are < vocab_size).
+        target_sizes: with ``data.targets``, output units of each extra
+            target (``targets.sizes(config.data, metadata)``).
 
     Returns:
         A functional ``keras.Model`` taking the dict of
@@ -130,13 +139,20 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
         and returning one float32 tensor named ``"probabilities"``:
         [B, num_classes] (multiclass, multilabel) or [B, 1] (binary). With
         ``model.ensemble_size`` > 1, an :class:`EnsembleModel` of that many
-        members with the same inputs and output.
+        members with the same inputs and output. With ``data.targets``, a
+        dict of outputs, one per target, named after it (targets.build_heads).
     """
     size = config.model.ensemble_size
     if size < 1:
         raise ValueError(f"model.ensemble_size must be >= 1, got {size}")
     seed = config.train.seed
     calibrated = config.train.calibration == "temperature"
+    if size > 1 and config.model.alignment.enabled:
+        raise ValueError("model.alignment needs model.ensemble_size 1 (members would each have a space)")
+    if config.data.targets:
+        return _build_classifier(
+            config, num_classes, vocab_size, seed, "multimodal_targets", target_sizes=target_sizes or {}
+        )
     if size == 1:
         return _build_classifier(config, num_classes, vocab_size, seed, "multimodal_classifier", calibrated)
     # Each member draws its own initial weights from the seeded global
@@ -207,11 +223,14 @@ def _build_classifier(
     seed: int | None,
     name: str,
     calibrated: bool = False,
+    target_sizes: Mapping[str, int] | None = None,
 ) -> keras.Model:
     """One classifier (encoders, modality dropout, fusion, head) named ``name``.
 
     ``calibrated``: the output is a TemperatureScaling layer on the head's
     logits (or on a probability-producing fusion's output).
+    ``target_sizes``: given, one head per ``data.targets`` entry
+    (targets.build_heads) instead of the output layer.
     """
     model_config = config.model
     modalities = check_modalities(model_config.modalities)
@@ -239,6 +258,10 @@ def _build_classifier(
     rates = {m: getattr(model_config.modality_dropout, m) for m in modalities}
     modality_dropout = ModalityDropout(rates, seed=seed, name="modality_dropout")
     head = []
+    if target_sizes is not None and fusion.produces_probabilities:
+        raise ValueError(
+            f"fusion {model_config.fusion.name!r} outputs probabilities: data.targets need a head"
+        )
     if not fusion.produces_probabilities:
         for i, units in enumerate(model_config.head.hidden_units):
             head.append(keras.layers.Dense(units, activation="relu", name=f"head_dense_{i}"))
@@ -266,8 +289,13 @@ def _build_classifier(
     x = fusion(embeddings, presence)
     for layer in head:
         x = layer(x)
-    outputs = output_layer(x)
+    if target_sizes is not None:
+        outputs = targets_lib.build_heads(config.data, x, num_classes, target_sizes)
+    else:
+        outputs = output_layer(x)
     model = keras.Model(inputs=inputs, outputs=outputs, name=name)
+    if model_config.alignment.enabled:
+        add_alignment(model, model_config.alignment, inputs, embeddings)
 
     for modality in modalities:
         checkpoint = encoder_config(model_config, modality).checkpoint
@@ -276,12 +304,16 @@ def _build_classifier(
     return model
 
 
-def loss_for(config: ExperimentConfig) -> keras.losses.Loss:
+def loss_for(config: ExperimentConfig) -> keras.losses.Loss | dict:
     """The loss matching ``config.model.head.type`` (on probabilities, not logits).
 
     Multiclass: sparse categorical crossentropy on integer labels; binary and
-    multilabel: binary crossentropy on :func:`labels_for_head` targets.
+    multilabel: binary crossentropy on :func:`labels_for_head` targets. With
+    ``data.targets``: a loss per output (targets.losses; weights in
+    targets.loss_weights).
     """
+    if config.data.targets:
+        return targets_lib.losses(config.data, keras.losses.SparseCategoricalCrossentropy())
     head_type = config.model.head.type
     if head_type not in HEAD_TYPES:
         raise ValueError(f"model.head.type must be one of {HEAD_TYPES}, got {head_type!r}")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from multimodal_tf import distribute, fine_tuning
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.callbacks import FineTuningSchedule, SwapEMAWeights
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import ExperimentConfig
@@ -95,9 +96,19 @@ class Objective:
 
 
 def supervised_dataset(dataset, config, num_classes, weights=None):
-    """(features, int label) -> (features, head target[, sample weight])."""
+    """(features, int label) -> (features, head target[, sample weight]).
+
+    With ``data.targets`` the label is the dict of ``targets.packed_labels``
+    (the dataset made ``with_targets``): it is the Keras target as it is,
+    and class weights weigh the primary target's loss only.
+    """
 
     def to_targets(x, y):
+        if isinstance(y, dict):
+            if weights is None:
+                return x, y
+            primary = targets_lib.primary(config.data).name
+            return x, y, {primary: tf.gather(tf.constant(weights), y[primary])}
         target = labels_for_head(y, config, num_classes)
         if weights is None:
             return x, target
@@ -139,10 +150,32 @@ def make_optimizer(
 
 
 def metrics_for(config: ExperimentConfig):
-    """Accuracy (multiclass), or accuracy and AUC (binary / multilabel heads)."""
+    """Accuracy (multiclass), or accuracy and AUC (binary / multilabel heads); per output with targets."""
+    if config.data.targets:
+        return targets_lib.metrics(config.data)
     if config.model.head.type == "multiclass":
         return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     return [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
+
+
+def build_for(config: ExperimentConfig, metadata: DatasetMetadata):
+    """``build_model`` with the class count, vocabulary size and target sizes of ``metadata``."""
+    sizes = targets_lib.sizes(config.data, metadata) if config.data.targets else None
+    vocab = vocabulary_size(config.data.text, metadata.vocabulary)
+    return build_model(config, num_classes_of(config, metadata), vocab, target_sizes=sizes)
+
+
+def loss_weights_for(config: ExperimentConfig):
+    """Keras ``loss_weights``: per target (data.targets), times the alignment's classification weight.
+
+    ``model.alignment`` adds its loss to ``model.losses``; its
+    ``classification_weight`` weighs the head's loss (every target's, with
+    ``data.targets``). None: every output weighs 1.
+    """
+    scale = config.model.alignment.classification_weight if config.model.alignment.enabled else 1.0
+    if config.data.targets:
+        return {name: weight * scale for name, weight in targets_lib.loss_weights(config.data).items()}
+    return [scale] if config.model.alignment.enabled else None
 
 
 def compile_model(
@@ -166,9 +199,7 @@ def compile_model(
     if config.train.mixed_precision:
         keras.mixed_precision.set_global_policy(config.train.mixed_precision)
     try:
-        model = build_model(
-            config, num_classes_of(config, metadata), vocabulary_size(config.data.text, metadata.vocabulary)
-        )
+        model = build_for(config, metadata)
         adapt_encoders(model, config, metadata)
         groups = fine_tuning.learning_rate_groups(config.model, model)
         optimizer = make_optimizer(config, steps_per_epoch(config, metadata), num_replicas, bool(groups))
@@ -180,6 +211,7 @@ def compile_model(
         model.compile(
             optimizer=optimizer,
             loss=objective.loss if objective else loss_for(config),
+            loss_weights=loss_weights_for(config),
             metrics=objective.metrics if objective else metrics_for(config),
             jit_compile=config.train.jit_compile,
             steps_per_execution=config.train.steps_per_execution,
@@ -220,6 +252,7 @@ def datasets_for(
     weights = class_weights(metadata, config.train.class_weights)
     repeat = distribute.needs_repeated_input(strategy)
     drop = config.train.strategy == "tpu"  # TPUs need static shapes
+    with_targets = bool(config.data.targets)
 
     def split_fn(split, weights):
         def fn(context=None):
@@ -230,6 +263,7 @@ def datasets_for(
                 metadata=metadata,
                 drop_remainder=drop,
                 with_ids=objective is not None,
+                with_targets=with_targets,
             )
             if objective is None:
                 ds = supervised_dataset(ds, config, num_classes, weights)
@@ -288,9 +322,13 @@ def callbacks_for(config: ExperimentConfig, between: Sequence = ()) -> list:
     if train.early_stopping_patience > 0:
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor=train.monitor, patience=train.early_stopping_patience, restore_best_weights=True
+                monitor=targets_lib.monitor(config),
+                patience=train.early_stopping_patience,
+                restore_best_weights=True,
             )
         )
     if train.lr_schedule == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=train.monitor, factor=0.5, patience=2))
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(monitor=targets_lib.monitor(config), factor=0.5, patience=2)
+        )
     return callbacks

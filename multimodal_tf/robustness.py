@@ -146,8 +146,11 @@ def accuracy(model, config, metadata, split: str, preprocessor: DegradingPreproc
         config, split, training=False, metadata=metadata, with_ids=True, preprocessor=preprocessor
     )
     correct = total = 0
+    primary = config.data.targets[0].name if config.data.targets else None
     for x, y, _ in dataset:
-        correct += int((predicted_classes(model(x, training=False).numpy()) == y.numpy()).sum())
+        output = model(x, training=False)
+        output = output[primary] if primary else output  # data.targets: the primary target
+        correct += int((predicted_classes(output.numpy()) == y.numpy()).sum())
         total += int(y.shape[0])
     return correct / total
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from multimodal_tf import config as config_lib
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.metadata import DatasetMetadata
 from multimodal_tf.data.text import vocabulary_size
@@ -45,10 +46,12 @@ def load_trained_model(run_dir: str | Path, weights: str = BEST_WEIGHTS):
         values, or the last weights when that file is missing.
     """
     config, metadata = load_run(run_dir)
+    sizes = targets_lib.sizes(config.data, metadata) if config.data.targets else None
     model = build_model(
         config,
         config.model.num_classes or metadata.num_classes,
         vocabulary_size(config.data.text, metadata.vocabulary),
+        target_sizes=sizes,
     )
     path = Path(run_dir) / weights
     if not path.exists():

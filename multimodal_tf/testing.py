@@ -220,3 +220,40 @@ def _check_training(layer, inputs: tuple, keras, tf) -> None:
     history = model.fit(data, target, batch_size=len(data[0]), epochs=1, verbose=0)
     if not np.isfinite(history.history["loss"][-1]):
         raise AssertionError(f"{layer.name}: fit step loss {history.history['loss'][-1]}")
+
+
+# data.targets of the manifests ``with_target_columns`` writes (tests, docs).
+TARGET_OVERRIDE = (
+    "data.targets=[{name: category, column: label, type: multiclass},"
+    " {name: tags, column: tags, type: multilabel, separator: '|'},"
+    " {name: score, column: rating, type: regression, loss_weight: 0.5}]"
+)
+
+
+def with_target_columns(manifest, out, every_missing: int = 4):
+    """A copy of a synthetic manifest with ``tags`` and ``rating`` columns derived from its label.
+
+    Class k gets tags ``mod3_<k % 3>`` and, for even k, ``even`` (so tags are
+    learnable), and the rating ``k / 2``. Every ``every_missing``-th row
+    leaves tags empty and every (``every_missing`` + 1)-th leaves the rating
+    empty: missing labels, not classes.
+    """
+    import csv  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    manifest, out = Path(manifest), Path(out)
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8")))
+    for i, row in enumerate(rows):
+        k = int(row["label"])
+        tags = [f"mod3_{k % 3}"] + (["even"] if k % 2 == 0 else [])
+        row["tags"] = "" if i % every_missing == 0 else "|".join(tags)
+        row["rating"] = "" if i % (every_missing + 1) == 0 else f"{k / 2:.1f}"
+        for column in ("image", "audio", "text"):  # paths relative to the original folder
+            if row.get(column) and (manifest.parent / row[column]).exists():
+                row[column] = str((manifest.parent / row[column]).resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out

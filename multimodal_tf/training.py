@@ -17,14 +17,14 @@ from pathlib import Path
 from multimodal_tf import config as config_lib
 from multimodal_tf import distribute, recipe
 from multimodal_tf import run_dir as run_files
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.calibration import calibrate_model
 from multimodal_tf.callbacks import Throughput
 from multimodal_tf.compat import keras
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.cache import default_tfrecord_dir, prepare_data
 from multimodal_tf.data.pipeline import make_dataset
-from multimodal_tf.data.text import vocabulary_size
-from multimodal_tf.models import build_model, loss_for
+from multimodal_tf.models import loss_for
 
 
 def run_callbacks(
@@ -49,7 +49,7 @@ def run_callbacks(
         # ensemble costs ~1.2 s.
         keras.callbacks.ModelCheckpoint(
             str(out / run_files.BEST_WEIGHTS),
-            monitor=train.monitor,
+            monitor=targets_lib.monitor(config),
             save_best_only=True,
             save_weights_only=True,
         ),
@@ -132,6 +132,7 @@ def train(
     if verbose == 1 and not sys.stdout.isatty():
         verbose = 2  # one line per epoch in logs instead of a redrawn bar
     train_ds, val_ds, fit_steps = recipe.datasets_for(config, metadata, strategy, objective)
+    _plan_finish(config, metadata, callbacks)
     history = model.fit(
         train_ds,
         validation_data=val_ds,
@@ -146,10 +147,35 @@ def train(
         model = _local_copy(model, config, metadata)
     elif objective is not None:  # the final metrics score the labels, as every run's do
         with strategy.scope():
-            model.compile(loss=loss_for(config), metrics=recipe.metrics_for(config))
+            model.compile(
+                loss=loss_for(config),
+                loss_weights=recipe.loss_weights_for(config),
+                metrics=recipe.metrics_for(config),
+            )
     if chief:
         _finish_run(config, model, metadata, history, run_dir)
     return run_dir
+
+
+# Seconds allowed for what _finish_run does besides passes over the data
+# (history plot, weight files, metrics, tracing predict for calibration): an
+# allowance, not measured per run; the passes themselves are timed.
+FINISH_FILE_SECONDS = 3.0
+
+
+def _plan_finish(config: ExperimentConfig, metadata, callbacks: Sequence) -> None:
+    """Tells a time budget's stop (budget.StopAtDeadline) what :func:`_finish_run` will still do.
+
+    In passes over the validation data: the final val metrics, calibration's
+    pass when on, and the test split scaled by its size relative to val.
+    """
+    counts = metadata.counts
+    passes = 1.0 + (config.train.calibration == "temperature")
+    if "test" in metadata.shards:
+        passes += counts["test"]["examples"] / max(1, counts["val"]["examples"])
+    for callback in callbacks:
+        if hasattr(callback, "plan_finish"):
+            callback.plan_finish(passes, FINISH_FILE_SECONDS)
 
 
 def _finish_run(config, model, metadata, history, run_dir: Path) -> None:
@@ -185,13 +211,13 @@ def _local_copy(model, config: ExperimentConfig, metadata):
     weights = model.get_weights()
     if not distribute.is_chief():
         return model
-    local = build_model(
-        config,
-        recipe.num_classes_of(config, metadata),
-        vocabulary_size(config.data.text, metadata.vocabulary),
-    )
+    local = recipe.build_for(config, metadata)
     local.set_weights(weights)
-    local.compile(loss=loss_for(config), metrics=recipe.metrics_for(config))
+    local.compile(
+        loss=loss_for(config),
+        loss_weights=recipe.loss_weights_for(config),
+        metrics=recipe.metrics_for(config),
+    )
     return local
 
 
@@ -202,7 +228,11 @@ def _write_final_metrics(config, model, metadata, run_dir: Path, calibration: di
     for split in ("val", "test"):
         if split in metadata.shards:
             ds = recipe.supervised_dataset(
-                make_dataset(config, split, training=False, metadata=metadata), config, num_classes
+                make_dataset(
+                    config, split, training=False, metadata=metadata, with_targets=bool(config.data.targets)
+                ),
+                config,
+                num_classes,
             )
             values = model.evaluate(ds, verbose=0, return_dict=True)
             results[split] = {k: float(v) for k, v in values.items()}

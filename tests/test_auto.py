@@ -228,3 +228,27 @@ def test_tune_time_budget_stops_the_search_and_keeps_the_best_trial(synth_manife
     wall = time.monotonic() - started
     assert wall <= 1.1 * budget, f"{wall:.1f} s for a {budget} s budget"
     assert 1 <= result.num_trials < 100 and result.best_score is not None
+
+
+@pytest.mark.slow  # ~30 s alone; start-up plus one epoch must fit the budget, which a loaded machine breaks
+def test_configured_run_time_budget_bounds_the_whole_command(synth_manifest, tmp_path):
+    """``mmtf train --config C --time-budget``: the command, finishing work included, ends within 10 %."""
+    out = tmp_path / "run"
+    config = tiny_config(
+        f"data.manifest={synth_manifest}",
+        "model.modalities=[image]",
+        "train.epochs=100000",
+        "train.calibration=temperature",
+        f"train.output_dir={out}",
+    )
+    config_lib.save(config, tmp_path / "config.yaml")
+    prepare_data(config.data, progress=False)
+    budget = 25.0  # a tiny model reaches its first step in ~10 s on 2 loaded cores
+    started = time.monotonic()
+    assert cli.main(["train", "--config", str(tmp_path / "config.yaml"), "--time-budget", "25s"]) == 0
+    wall = time.monotonic() - started
+    assert wall <= 1.1 * budget, f"{wall:.1f} s for a {budget} s budget"
+    history = json.loads((out / "history.json").read_text())
+    assert 1 < len(history["val_loss"]) < 100000  # trained several epochs, and the budget stopped it
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"val", "test", "calibration"} <= set(metrics)

@@ -13,7 +13,7 @@ import sys
 import time
 
 from multimodal_tf import runtime
-from multimodal_tf.cli import data, demo, distill, launch, run, serving, tune
+from multimodal_tf.cli import data, demo, distill, launch, retrieval, run, serving, tune
 from multimodal_tf.cli.common import add_config_args, import_tensorflow, load_config, quiet_tensorflow_logs
 
 quiet_tensorflow_logs()  # before anything imports TensorFlow
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_parser(sub)
     run.add_parsers(sub)
     distill.add_parser(sub)
+    retrieval.add_parser(sub)
     serving.add_serve_parser(sub)
     serving.add_predict_parser(sub)
     tune.add_parser(sub)

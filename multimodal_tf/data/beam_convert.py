@@ -276,6 +276,10 @@ def convert_with_beam(
             f"data.validation_split: {config.validation_split!r} is not available with --runner beam;"
             " use 'hash', or give the manifest a val split"
         )
+    if config.targets:
+        # A multilabel vocabulary is learnt from the good train records, a
+        # second pass the Beam pipeline does not have yet.
+        raise convert_lib.ConversionError("data.targets are not available with --runner beam yet")
     source = {
         "manifest": str(manifest_path.resolve()),
         "fingerprint": convert_lib.source_fingerprint(manifest_path, config),

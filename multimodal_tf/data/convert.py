@@ -18,6 +18,7 @@ from pathlib import Path
 import tensorflow as tf
 from tqdm import tqdm
 
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.config import DataConfig, fingerprint
 from multimodal_tf.data import audio_io, features
 from multimodal_tf.data import manifest as manifest_lib
@@ -73,6 +74,8 @@ def source_fingerprint(manifest_path: Path, config: DataConfig) -> str:
     }
     if config.validation_split != "hash":  # the key of earlier conversions stays the same
         settings["validation_split"] = config.validation_split
+    if config.targets:  # likewise
+        settings["targets"] = [fingerprint(t) for t in config.targets]
     digest.update(repr(sorted(settings.items())).encode())
     records = manifest_lib.read_manifest(manifest_path, config).records
     digest.update(media_fingerprint(records, content=config.hash_media).encode())
@@ -125,7 +128,9 @@ def _assign_splits(records, fraction: float, method: str = "hash") -> dict[str, 
     return splits
 
 
-def make_example(record, label: int, config: DataConfig) -> tf.train.Example:
+def make_example(record, label: int, config: DataConfig, vocabularies=None) -> tf.train.Example:
+    """One record as a ``tf.Example``; ``vocabularies``: multilabel target -> labels (data.targets)."""
+
     def bytes_feature(value: bytes):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
@@ -143,6 +148,8 @@ def make_example(record, label: int, config: DataConfig) -> tf.train.Example:
     for modality, value in values.items():
         feature[modality] = bytes_feature(value)
         feature[features.presence_name(modality)] = int_feature(int(bool(value)))
+    if config.targets:
+        feature.update(targets_lib.example_features(record, config, vocabularies or {}))
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
@@ -213,9 +220,12 @@ def failure_message(manifest_path: Path, problems) -> str:
     return f"{len(problems)} problems in {manifest_path} (use --on-error skip):\n{listing}"
 
 
-def finish(out_dir: Path, label_names, vocabulary, counts, shards, config, source) -> DatasetMetadata:
+def finish(
+    out_dir: Path, label_names, vocabulary, counts, shards, config, source, targets=None
+) -> DatasetMetadata:
     """Writes ``metadata.json`` (last: it marks the conversion complete) and ``vocab.txt``."""
     metadata = DatasetMetadata(
+        targets=targets or {},
         label_names=label_names,
         vocabulary=vocabulary,
         counts=counts,
@@ -260,12 +270,14 @@ def convert(
     for records in splits.values():
         records.sort(key=lambda r: hashlib.md5(r.id.encode()).hexdigest())
     vocabulary = build_vocabulary([r.text.decode("utf-8") for r in splits[manifest_lib.TRAIN]], config.text)
+    vocabularies = targets_lib.label_vocabularies(splits[manifest_lib.TRAIN], config)
     shards, counts = {}, {}
     bar = tqdm(total=len(good), desc="converting", disable=not progress, file=sys.stderr, mininterval=2)
 
     def serialized(records):
         for record in records:
-            yield make_example(record, manifest_lib.label_id(record, label_names), config).SerializeToString()
+            label = manifest_lib.label_id(record, label_names)
+            yield make_example(record, label, config, vocabularies).SerializeToString()
             bar.update()
 
     for split, records in splits.items():
@@ -277,4 +289,5 @@ def convert(
     bar.close()
     write_dead_letter(out_dir, problems)
     counts["skipped"] = sorted({p.record_id for p in problems})
-    return finish(out_dir, label_names, vocabulary, counts, shards, config, source)
+    targets = targets_lib.metadata_entry(config, vocabularies, splits)
+    return finish(out_dir, label_names, vocabulary, counts, shards, config, source, targets)

@@ -29,6 +29,8 @@ class Record:
     label: str
     label_name: str
     split: str  # raw split cell
+    # Raw cells of the extra target columns (data.targets), column -> cell.
+    targets: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -79,6 +81,9 @@ def read_manifest(path: str | Path, config: DataConfig, labelled: bool = True) -
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         required = [columns.id, columns.label, columns.split] if labelled else [columns.id]
+        target_columns = [t.column for t in config.targets[1:]]  # the primary's is the label column
+        if labelled:
+            required += target_columns
         missing = [c for c in required if c not in header]
         media = [c for c in (columns.image, columns.text, columns.audio) if c in header]
         if missing or not media:
@@ -100,6 +105,7 @@ def read_manifest(path: str | Path, config: DataConfig, labelled: bool = True) -
                     label=(row.get(columns.label) or "").strip(),
                     label_name=(row.get(columns.label_name) or "").strip(),
                     split=(row.get(columns.split) or "").strip().lower(),
+                    targets={c: row.get(c) or "" for c in target_columns if c in header},
                 )
             )
     return Manifest(path=path, records=records)

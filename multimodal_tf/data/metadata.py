@@ -20,6 +20,8 @@ class DatasetMetadata:
         shards: per split: TFRecord file names (relative to the folder).
         sample_rate: sample rate of the stored WAV audio.
         source: manifest path and fingerprint of the conversion settings.
+        targets: per extra target of ``data.targets`` (multimodal_tf/targets.py):
+            type, column, label names (multilabel) and per-split counts.
     """
 
     label_names: list[str]
@@ -28,6 +30,7 @@ class DatasetMetadata:
     shards: dict
     sample_rate: int
     source: dict
+    targets: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -36,7 +39,10 @@ class DatasetMetadata:
     def save(self, directory: str | Path) -> None:
         path = Path(directory) / METADATA_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False))
+        fields = dataclasses.asdict(self)
+        if not fields["targets"]:  # a single-target dataset's file stays as it was before targets
+            del fields["targets"]
+        tmp.write_text(json.dumps(fields, indent=1, ensure_ascii=False))
         tmp.replace(path)
 
     @classmethod

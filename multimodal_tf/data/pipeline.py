@@ -11,6 +11,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data import features
 from multimodal_tf.data.cache import default_tfrecord_dir
@@ -88,6 +89,7 @@ def make_dataset(
     drop_remainder: bool = False,
     with_ids: bool = False,
     preprocessor: Preprocessor | None = None,
+    with_targets: bool = False,
 ) -> tf.data.Dataset:
     """Batched ``(features, label)`` (or ``(features, label, id)``) for one split.
 
@@ -104,6 +106,9 @@ def make_dataset(
         preprocessor: raw records -> model features (``parse_examples`` and
             a call); default the config's ``Preprocessor``. The robustness
             report passes one that degrades the decoded inputs.
+        with_targets: with ``data.targets``, the label is a dict: the
+            primary target's int label and each extra target's packed
+            ``[values..., present]`` (``targets.packed_labels``).
     """
     data = config.data
     directory = Path(default_tfrecord_dir(data))
@@ -121,10 +126,16 @@ def make_dataset(
     )
     preprocessor = preprocessor or Preprocessor(data, metadata.vocabulary, config.model)
 
+    with_targets = with_targets and bool(data.targets)
+    target_spec = targets_lib.feature_spec(data, targets_lib.sizes(data, metadata)) if with_targets else {}
+
     def preprocess(serialized):
         raw = preprocessor.parse_examples(serialized)
         model_features = preprocessor(raw)
-        return model_features, raw[features.LABEL], raw[features.ID]
+        label = raw[features.LABEL]
+        if with_targets:
+            label = targets_lib.packed_labels(data, tf.io.parse_example(serialized, target_spec), label)
+        return model_features, label, raw[features.ID]
 
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training:

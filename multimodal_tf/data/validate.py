@@ -9,6 +9,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.config import DataConfig
 from multimodal_tf.data import audio_io
 from multimodal_tf.data import manifest as manifest_lib
@@ -119,6 +120,7 @@ def check_record(record, label_names, config: DataConfig) -> list[Problem]:
         found.append(("media", "no modality present"))
     if manifest_lib.label_id(record, label_names) is None:
         found.append(("label", f"unknown label {record.label!r}; known: {', '.join(label_names)}"))
+    found.extend(targets_lib.cell_problems(record, config))
     if record.split not in manifest_lib.SPLIT_ALIASES:
         found.append(("split", f"unknown split {record.split!r}; use train, val or test"))
     return [Problem(record.id, record.row, field, reason) for field, reason in found]

@@ -28,12 +28,11 @@ from multimodal_tf.serving.servable import (
     REGRESS_METHOD,
     Servable,
 )
-from multimodal_tf.signatures import CLASSES, CLASSIFY_INPUTS, CLASSIFY_METHOD, SCORES
+from multimodal_tf.signatures import CLASSES, CLASSIFY_INPUTS, CLASSIFY_METHOD, REGRESS_OUTPUTS, SCORES
 from multimodal_tf.signatures import WARMUP_PATH as WARMUP_FILE
 
 Runner = Callable[[Servable, str, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
-REGRESS_OUTPUTS = "outputs"
 
 
 def direct_run(

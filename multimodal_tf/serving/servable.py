@@ -20,7 +20,7 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from multimodal_tf.compat import tf
 from multimodal_tf.serving import tensors
 from multimodal_tf.serving.errors import Code, ServingError, from_tf_error, invalid_argument, not_found
-from multimodal_tf.signatures import DEFAULT_SIGNATURE
+from multimodal_tf.signatures import DEFAULT_SIGNATURE, REGRESS_METHOD  # noqa: F401  (REGRESS_METHOD: API)
 
 try:  # The tf-text ops our exports use; TF Serving links them in the same way.
     import tensorflow_text  # noqa: F401
@@ -29,7 +29,6 @@ except ImportError:  # pragma: no cover - optional for generic SavedModels
 
 SERVE_TAG = "serve"
 PREDICT_METHOD = "tensorflow/serving/predict"
-REGRESS_METHOD = "tensorflow/serving/regress"
 INIT_OP_SIGNATURE = "__saved_model_init_op"
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from multimodal_tf import config as config_lib
 from multimodal_tf import distribute, training
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.budget import Deadline, keras_callbacks
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data.cache import prepare_data
@@ -40,7 +41,7 @@ def make_tuner(
     """A RandomSearch / BayesianOptimization / Hyperband tuner that resumes from ``directory``."""
     config = hypermodel.config
     common = {
-        "objective": objective_for(config.train.monitor),
+        "objective": objective_for(targets_lib.monitor(config)),
         "directory": str(directory),
         "project_name": project_name or config.name,
         "overwrite": False,  # re-running continues the search

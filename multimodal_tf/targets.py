@@ -1,0 +1,477 @@
+"""Targets beyond the class label: multi-label and regression heads with missing labels.
+
+``data.targets`` lists what a model predicts, each from a manifest column::
+
+    data:
+      targets:
+        - {name: category, column: label, type: multiclass}
+        - {name: tags, column: tags, type: multilabel, separator: "|", loss_weight: 0.5}
+        - {name: score, column: rating, type: regression}
+
+The first target is the *primary* one: a multiclass target on
+``data.columns.label``, which keeps the existing label machinery (class
+names, class weights, stratified validation, the Classify API). The others
+are ``multilabel`` (a ``separator``-joined cell; the label vocabulary is
+learnt from the train split) or ``regression`` (a number). An empty cell of
+an extra target is a *missing* label: conversion stores a 0 presence flag and
+the loss and metrics of that target skip the example (it is not a class).
+An empty ``data.targets`` is today's single implicit target: the model, the
+exports and the reports do not change.
+
+This module owns what targets add: the names of their TFRecord features,
+cell parsing and validation, the heads, the masked losses and metrics, and
+the per-target report sections. Keras gets each extra target as one packed
+float tensor ``[values..., present]`` so that a loss or metric sees the
+presence flag next to the values it masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.config import EXTRA_TARGET_TYPES as EXTRA_TYPES
+from multimodal_tf.config import MULTICLASS, MULTILABEL, REGRESSION
+
+# Multi-label predictions count as positive at this probability (F1).
+THRESHOLD = 0.5
+
+
+# === Names ===
+
+
+def value_feature(name: str) -> str:
+    """TFRecord feature holding target ``name``'s value (multi-hot or number)."""
+    return f"target_{name}"
+
+
+def present_feature(name: str) -> str:
+    """TFRecord feature holding target ``name``'s 0/1 presence flag."""
+    return f"target_{name}_present"
+
+
+def primary(data) -> object:
+    """The primary target config of ``data`` (a DataConfig with targets), or None."""
+    return data.targets[0] if data.targets else None
+
+
+def extras(data) -> tuple:
+    """The targets after the primary one."""
+    return tuple(data.targets[1:])
+
+
+# === Cells ===
+
+
+def parse_cell(target, cell: str) -> list[str] | float | None:
+    """A manifest cell of an extra target -> labels / number, or None when missing.
+
+    Raises:
+        ValueError: a malformed cell (an empty label between separators, a
+            value that is not a finite number); the caller names row and column.
+    """
+    cell = cell.strip()
+    if not cell:
+        return None
+    if target.type == MULTILABEL:
+        labels = [part.strip() for part in cell.split(target.separator)]
+        if any(not label for label in labels):
+            raise ValueError(
+                f"malformed multilabel cell {cell!r}: an empty label between {target.separator!r}"
+            )
+        return sorted(set(labels))
+    try:
+        value = float(cell)
+    except ValueError:
+        raise ValueError(f"regression value {cell!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"regression value {cell!r} is not finite")
+    return value
+
+
+def cell_problems(record, data) -> list[tuple[str, str]]:
+    """(column, reason) for every malformed extra-target cell of a manifest record."""
+    found = []
+    for target in extras(data):
+        try:
+            parse_cell(target, record.targets.get(target.column, ""))
+        except ValueError as e:
+            found.append((target.column, str(e)))
+    return found
+
+
+def label_vocabularies(records, data) -> dict[str, list[str]]:
+    """Multilabel target -> its sorted labels, as seen in ``records`` (the train split)."""
+    vocabularies = {}
+    for target in extras(data):
+        if target.type == MULTILABEL:
+            seen = set()
+            for record in records:
+                seen.update(parse_cell(target, record.targets.get(target.column, "")) or ())
+            vocabularies[target.name] = sorted(seen)
+    return vocabularies
+
+
+def example_features(record, data, vocabularies: Mapping[str, list[str]]) -> dict:
+    """``tf.train.Feature`` per extra-target feature of one (validated) record.
+
+    A multilabel label outside the train vocabulary is dropped (it cannot be
+    predicted); a cell with no known label left is still *present* (all 0).
+    """
+    out = {}
+    for target in extras(data):
+        value = parse_cell(target, record.targets.get(target.column, ""))
+        present = value is not None
+        if target.type == MULTILABEL:
+            names = vocabularies[target.name]
+            hot = [0.0] * len(names)
+            for label in value or ():
+                if label in names:
+                    hot[names.index(label)] = 1.0
+        else:
+            hot = [float(value) if present else 0.0]
+        out[value_feature(target.name)] = tf.train.Feature(float_list=tf.train.FloatList(value=hot))
+        out[present_feature(target.name)] = tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[int(present)])
+        )
+    return out
+
+
+def metadata_entry(data, vocabularies, splits: Mapping[str, list]) -> dict:
+    """``metadata.targets``: per extra target its type, column, labels and counts per split."""
+    entry = {}
+    for target in extras(data):
+        counts = {}
+        for split, records in splits.items():
+            values = [parse_cell(target, r.targets.get(target.column, "")) for r in records]
+            present = [v for v in values if v is not None]
+            counts[split] = {"present": len(present), "missing": len(values) - len(present)}
+            if target.type == MULTILABEL:
+                names = vocabularies[target.name]
+                counts[split]["labels"] = {n: sum(n in v for v in present) for n in names}
+        entry[target.name] = {
+            "type": target.type,
+            "column": target.column,
+            "label_names": list(vocabularies.get(target.name, [])),
+            "counts": counts,
+        }
+        if target.type == REGRESSION:  # the baseline of the report
+            train = [parse_cell(target, r.targets.get(target.column, "")) for r in splits.get("train", [])]
+            train = [v for v in train if v is not None]
+            entry[target.name]["train_mean"] = float(np.mean(train)) if train else 0.0
+    return entry
+
+
+def sizes(data, metadata) -> dict[str, int]:
+    """Output units per extra target (labels of a multilabel target, 1 for regression)."""
+    out = {}
+    for target in extras(data):
+        if target.name not in (metadata.targets or {}):
+            raise ValueError(
+                f"target {target.name!r} is not in the converted dataset's metadata: convert the manifest "
+                "again with data.targets set"
+            )
+        labels = metadata.targets[target.name]["label_names"]
+        if target.type == MULTILABEL and not labels:
+            raise ValueError(f"multilabel target {target.name!r}: no label in the train split")
+        out[target.name] = len(labels) if target.type == MULTILABEL else 1
+    return out
+
+
+# === Pipeline ===
+
+
+def feature_spec(data, target_sizes: Mapping[str, int]) -> dict:
+    """``tf.Example`` parsing spec of the extra targets (missing: absent, all 0)."""
+    spec = {}
+    for target in extras(data):
+        size = target_sizes[target.name]
+        spec[value_feature(target.name)] = tf.io.FixedLenFeature(
+            [size], tf.float32, default_value=[0.0] * size
+        )
+        spec[present_feature(target.name)] = tf.io.FixedLenFeature([], tf.int64, default_value=0)
+    return spec
+
+
+def packed_labels(data, parsed: Mapping[str, tf.Tensor], label: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Keras targets: primary -> int label; extra -> float32 [B, size + 1] (values, present)."""
+    out = {primary(data).name: label}
+    for target in extras(data):
+        present = tf.cast(parsed[present_feature(target.name)], tf.float32)[:, None]
+        out[target.name] = tf.concat([parsed[value_feature(target.name)], present], axis=1)
+    return out
+
+
+# === Heads, losses and metrics ===
+
+
+def build_heads(
+    data, x: tf.Tensor, num_classes: int, target_sizes: Mapping[str, int]
+) -> dict[str, tf.Tensor]:
+    """One float32 output per target on the shared representation ``x``.
+
+    Multiclass: softmax [B, K]; multilabel: sigmoid [B, L]; regression:
+    linear [B, 1]. Each output (and its Dense layer) is named after its target.
+    """
+    activations = {MULTICLASS: "softmax", MULTILABEL: "sigmoid", REGRESSION: None}
+    outputs = {}
+    for target in data.targets:
+        units = num_classes if target.type == MULTICLASS else target_sizes[target.name]
+        layer = keras.layers.Dense(
+            units, activation=activations[target.type], dtype="float32", name=target.name
+        )
+        outputs[target.name] = layer(x)
+    return outputs
+
+
+def _split(y_true: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Packed [B, size + 1] -> (values [B, size], present [B])."""
+    y_true = tf.cast(y_true, tf.float32)
+    return y_true[:, :-1], y_true[:, -1]
+
+
+def masked_mean(per_example: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
+    """Per-example values rescaled so that their batch mean is the mean over present examples.
+
+    Keras averages a loss over the whole batch; multiplying by
+    ``present * B / n_present`` makes that average the present examples'
+    mean (0 when none is present). Under a distribution strategy each
+    replica averages its own present examples.
+    """
+    batch = tf.cast(tf.shape(present)[0], tf.float32)
+    count = tf.reduce_sum(present)
+    return per_example * present * tf.math.divide_no_nan(batch, count)
+
+
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class MaskedLoss(keras.losses.Loss):
+    """Loss of one extra target on packed labels, missing labels left out.
+
+    Multilabel: binary cross-entropy averaged over labels; regression: the
+    squared error. Each averaged over the examples whose label is present.
+
+    Args:
+        kind: ``multilabel`` or ``regression``.
+        **kwargs: standard loss arguments.
+    """
+
+    def __init__(self, kind: str, **kwargs):
+        super().__init__(**kwargs)
+        if kind not in EXTRA_TYPES:
+            raise ValueError(f"MaskedLoss kind must be one of {EXTRA_TYPES}, got {kind!r}")
+        self.kind = kind
+
+    def call(self, y_true, y_pred):
+        values, present = _split(y_true)
+        y_pred = tf.cast(y_pred, tf.float32)
+        if self.kind == MULTILABEL:
+            per_example = keras.losses.binary_crossentropy(values, y_pred)
+        else:
+            per_example = tf.reduce_mean(tf.square(values - y_pred), axis=-1)
+        return masked_mean(per_example, present)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "kind": self.kind}
+
+
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class MaskedMeanAbsoluteError(keras.metrics.Mean):
+    """MAE of a regression target over examples with a label (packed labels)."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        values, present = _split(y_true)
+        errors = tf.reduce_mean(tf.abs(values - tf.cast(y_pred, tf.float32)), axis=-1)
+        return super().update_state(errors, sample_weight=present)
+
+
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class MaskedRootMeanSquaredError(keras.metrics.RootMeanSquaredError):
+    """RMSE of a regression target over examples with a label (packed labels)."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        values, present = _split(y_true)
+        return super().update_state(values, tf.cast(y_pred, tf.float32), sample_weight=present)
+
+
+@keras.utils.register_keras_serializable(package="multimodal_tf")
+class MaskedAUC(keras.metrics.AUC):
+    """Micro-averaged ROC-AUC of a multilabel target over examples with labels (packed labels)."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        values, present = _split(y_true)
+        weights = tf.broadcast_to(present[:, None], tf.shape(values))
+        return super().update_state(values, tf.cast(y_pred, tf.float32), sample_weight=weights)
+
+
+def losses(data, primary_loss) -> dict:
+    """Loss per output name: ``primary_loss`` for the primary target, MaskedLoss for the others."""
+    out = {primary(data).name: primary_loss}
+    out.update({t.name: MaskedLoss(t.type, name=f"{t.name}_loss") for t in extras(data)})
+    return out
+
+
+def loss_weights(data) -> dict[str, float]:
+    return {t.name: t.loss_weight for t in data.targets}
+
+
+def metrics(data) -> dict:
+    """Training metrics per output: accuracy; masked micro AUC; masked MAE and RMSE."""
+    out = {primary(data).name: [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
+    for target in extras(data):
+        if target.type == MULTILABEL:
+            out[target.name] = [MaskedAUC(name="auc")]
+        else:
+            out[target.name] = [MaskedMeanAbsoluteError(name="mae"), MaskedRootMeanSquaredError(name="rmse")]
+    return out
+
+
+def monitor(config) -> str:
+    """``train.monitor`` as Keras names it: a multi-output model prefixes the primary's metrics.
+
+    ``val_accuracy`` (the default) becomes ``val_<primary>_accuracy``; a
+    monitor that already names an output (``val_score_mae``) or the total
+    loss stays as it is.
+    """
+    name = config.train.monitor
+    if not config.data.targets or name in ("loss", "val_loss"):
+        return name
+    prefix = "val_" if name.startswith("val_") else ""
+    rest = name[len(prefix) :]
+    if any(rest.startswith(f"{t.name}_") for t in config.data.targets):
+        return name
+    return f"{prefix}{primary(config.data).name}_{rest}"
+
+
+# === Report ===
+
+
+def multilabel_metrics(probabilities: np.ndarray, values: np.ndarray, label_names: Sequence[str]) -> dict:
+    """Micro/macro F1 (at THRESHOLD), mAP (macro average precision) and per-label ROC-AUC.
+
+    Arrays hold only examples with a label. A label with no positive (or no
+    negative) example has no AP/AUC (None) and is left out of the averages.
+    """
+    from sklearn import metrics as skm  # noqa: PLC0415  (sklearn is heavy; report time only)
+
+    truth = values.astype(int)
+    predicted = (probabilities >= THRESHOLD).astype(int)
+    per_label = {}
+    precisions = []
+    for j, name in enumerate(label_names):
+        positives = int(truth[:, j].sum())
+        defined = 0 < positives < len(truth)
+        ap = float(skm.average_precision_score(truth[:, j], probabilities[:, j])) if defined else None
+        auc = float(skm.roc_auc_score(truth[:, j], probabilities[:, j])) if defined else None
+        if ap is not None:
+            precisions.append(ap)
+        per_label[name] = {"support": positives, "average_precision": ap, "roc_auc": auc}
+    aucs = [v["roc_auc"] for v in per_label.values() if v["roc_auc"] is not None]
+    return {
+        "examples": int(len(truth)),
+        "micro_f1": float(skm.f1_score(truth, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(skm.f1_score(truth, predicted, average="macro", zero_division=0)),
+        "map": float(np.mean(precisions)) if precisions else None,
+        "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
+        "per_label": per_label,
+    }
+
+
+def frequency_baseline(train_frequency: np.ndarray, values: np.ndarray, label_names: Sequence[str]) -> dict:
+    """The multilabel metrics of predicting each label's train frequency for every example.
+
+    Every example gets the same scores, so each label's AP is its positive
+    rate in ``values``: the chance level of mAP.
+    """
+    scores = np.broadcast_to(train_frequency[None, :], values.shape).astype(np.float64)
+    return multilabel_metrics(scores, values, label_names)
+
+
+def regression_metrics(predictions: np.ndarray, values: np.ndarray) -> dict:
+    """MAE and RMSE (examples with a value only), and those of predicting the mean."""
+    errors = predictions.reshape(-1) - values.reshape(-1)
+    return {
+        "examples": int(len(errors)),
+        "mae": float(np.mean(np.abs(errors))) if len(errors) else None,
+        "rmse": float(np.sqrt(np.mean(errors**2))) if len(errors) else None,
+    }
+
+
+def predict_targets(model, dataset) -> tuple[dict, dict]:
+    """(outputs, packed labels) per extra target over a ``with_targets`` dataset, as NumPy."""
+    outputs: dict[str, list] = {}
+    labels: dict[str, list] = {}
+    for x, y in dataset:
+        predicted = model(x, training=False)
+        for name, value in y.items():
+            outputs.setdefault(name, []).append(predicted[name].numpy())
+            labels.setdefault(name, []).append(value.numpy())
+    return (
+        {k: np.concatenate(v) for k, v in outputs.items()},
+        {k: np.concatenate(v) for k, v in labels.items()},
+    )
+
+
+def report_sections(data, metadata, outputs: Mapping, labels: Mapping) -> dict:
+    """Report section per extra target: its metrics on the examples that have a label."""
+    sections = {}
+    for target in extras(data):
+        info = metadata.targets[target.name]
+        packed = labels[target.name]
+        present = packed[:, -1] > 0
+        values, predicted = packed[present, :-1], outputs[target.name][present]
+        section = {"type": target.type, "column": target.column, "missing": int((~present).sum())}
+        if target.type == MULTILABEL:
+            names = info["label_names"]
+            section["metrics"] = multilabel_metrics(predicted, values, names)
+            train = info["counts"].get("train", {})
+            frequency = np.array([train.get("labels", {}).get(n, 0) for n in names], np.float64)
+            frequency /= max(train.get("present", 0), 1)
+            section["baseline"] = frequency_baseline(frequency, values, names)
+        else:
+            section["metrics"] = regression_metrics(predicted, values)
+            section["baseline"] = regression_metrics(np.full(len(values), train_mean(info)), values)
+        sections[target.name] = section
+    return sections
+
+
+def train_mean(info: Mapping) -> float:
+    """The regression target's mean on the train split (0 when unknown)."""
+    return float(info.get("train_mean", 0.0))
+
+
+def to_markdown(sections: Mapping) -> list[str]:
+    """Report lines: one section per extra target with its metrics next to the baseline's."""
+
+    def number(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = []
+    for name, section in sections.items():
+        m, b = section["metrics"], section["baseline"]
+        lines += [
+            "",
+            f"## Target `{name}` ({section['type']}, column `{section['column']}`)",
+            "",
+            f"{m['examples']} examples with a label, {section['missing']} without (left out).",
+            "",
+        ]
+        if section["type"] == MULTILABEL:
+            lines += ["| metric | model | label-frequency baseline |", "|---|---|---|"]
+            for key, title in (
+                ("map", "mAP"),
+                ("micro_f1", "micro-F1"),
+                ("macro_f1", "macro-F1"),
+                ("macro_roc_auc", "ROC-AUC (macro)"),
+            ):
+                lines.append(f"| {title} | {number(m[key])} | {number(b[key])} |")
+            lines += ["", "| label | support | AP | ROC-AUC |", "|---|---|---|---|"]
+            for label, v in m["per_label"].items():
+                ap, auc = number(v["average_precision"]), number(v["roc_auc"])
+                lines.append(f"| {label} | {v['support']} | {ap} | {auc} |")
+        else:
+            lines += ["| metric | model | train-mean baseline |", "|---|---|---|"]
+            lines += [f"| {k.upper()} | {number(m[k])} | {number(b[k])} |" for k in ("mae", "rmse")]
+    return lines

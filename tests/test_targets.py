@@ -1,0 +1,389 @@
+"""data.targets: multi-label and regression heads, masked losses and metrics, reports, exports, Regress."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import grpc
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+from tensorflow_serving.apis import classification_pb2, input_pb2, prediction_service_pb2_grpc, regression_pb2
+
+from multimodal_tf import config as config_lib
+from multimodal_tf import recipe
+from multimodal_tf import targets as targets_lib
+from multimodal_tf.compat import keras, tf
+from multimodal_tf.data import convert as convert_lib
+from multimodal_tf.data.cache import default_tfrecord_dir, prepare_data
+from multimodal_tf.data.preprocessing import Preprocessor
+from multimodal_tf.evaluation import evaluate
+from multimodal_tf.export import export_run
+from multimodal_tf.run_dir import load_trained_model
+from multimodal_tf.serving import ModelServer, ModelSpec
+from multimodal_tf.testing import TARGET_OVERRIDE, fit_with_the_recipe, tiny_config, with_target_columns
+from multimodal_tf.training import train
+
+
+@pytest.fixture(scope="module")
+def target_manifest(synth_manifest, tmp_path_factory):
+    return with_target_columns(synth_manifest, tmp_path_factory.mktemp("targets") / "manifest.csv")
+
+
+def _bce(y, p):
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+# --- Config and validation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (
+            "[{name: tags, column: tags, type: multilabel}]",
+            "targets[0]: the primary target must be multiclass",
+        ),
+        (
+            "[{name: category, column: label}, {name: x, column: y, type: foo}]",
+            "targets[1].type: expected one of",
+        ),
+        ("[{name: category, column: label}, {name: Bad, column: y, type: regression}]", "targets[1].name"),
+        ("[{name: category, column: label}, {name: category, column: y, type: regression}]", "distinct"),
+        (
+            "[{name: category, column: label}, {name: x, column: label, type: regression}]",
+            "targets[1].column",
+        ),
+        ("[{name: category, column: label}, {name: x, column: y, type: multiclass}]", "targets[1].type"),
+        (
+            "[{name: category, column: label}, {name: x, column: y, type: regression, loss_weight: -1}]",
+            ">= 0",
+        ),
+    ],
+)
+def test_bad_target_lists_name_the_field(targets, message):
+    with pytest.raises(config_lib.ConfigError, match=r"data\.targets") as info:
+        config_lib.load((), [f"data.targets={targets}"])
+    assert message in str(info.value)
+
+
+def test_targets_do_not_combine_with_an_ensemble():
+    with pytest.raises(config_lib.ConfigError, match="model.ensemble_size"):
+        config_lib.load((), [TARGET_OVERRIDE, "model.ensemble_size=2"])
+
+
+def test_malformed_cells_are_named_by_row_and_column(target_manifest, tmp_path):
+    rows = list(csv.DictReader(open(target_manifest, encoding="utf-8")))[:12]
+    rows[2]["tags"] = "mod3_1||even"
+    rows[5]["rating"] = "four"
+    rows[7]["rating"] = "nan"
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = tiny_config(f"data.manifest={bad}", TARGET_OVERRIDE).data
+    with pytest.raises(convert_lib.ConversionError) as info:
+        convert_lib.convert(bad, tmp_path / "out", config, progress=False)
+    message = str(info.value)
+    assert "3 problems" in message, message
+    assert f"row 3 id={rows[2]['id']} tags: malformed multilabel cell 'mod3_1||even'" in message
+    assert f"row 6 id={rows[5]['id']} rating: regression value 'four' is not a number" in message
+    assert f"row 8 id={rows[7]['id']} rating: regression value 'nan' is not finite" in message
+
+
+def test_a_missing_target_column_is_a_manifest_error(synth_manifest, tmp_path):
+    from multimodal_tf.data.manifest import ManifestError, read_manifest
+
+    config = tiny_config(TARGET_OVERRIDE).data
+    with pytest.raises(ManifestError, match=r"missing columns \['tags', 'rating'\]"):
+        read_manifest(synth_manifest, config)
+
+
+def test_conversion_stores_values_presence_and_vocabulary(target_manifest):
+    config = tiny_config(f"data.manifest={target_manifest}", TARGET_OVERRIDE, "model.modalities=[image]")
+    metadata = prepare_data(config.data, progress=False)
+    tags = metadata.targets["tags"]
+    assert tags["label_names"] == ["even", "mod3_0", "mod3_1", "mod3_2"]
+    rows = {r["id"]: r for r in csv.DictReader(open(target_manifest, encoding="utf-8"))}
+    directory = default_tfrecord_dir(config.data)
+    spec = targets_lib.feature_spec(config.data, targets_lib.sizes(config.data, metadata))
+    spec["id"] = tf.io.FixedLenFeature([], tf.string)
+    for split in ("train", "test"):
+        files = [str(directory / f) for f in metadata.shards[split]]
+        for record in tf.data.TFRecordDataset(files).map(lambda s: tf.io.parse_single_example(s, spec)):
+            row = rows[record["id"].numpy().decode()]
+            assert record["target_tags_present"].numpy() == int(bool(row["tags"]))
+            hot = record["target_tags"].numpy()
+            expected = (
+                [float(n in row["tags"].split("|")) for n in tags["label_names"]] if row["tags"] else [0] * 4
+            )
+            np.testing.assert_array_equal(hot, expected)
+            assert record["target_score_present"].numpy() == int(bool(row["rating"]))
+            assert record["target_score"].numpy()[0] == pytest.approx(float(row["rating"] or 0))
+    train_rows = [r for r in rows.values() if r["split"] == "train"]
+    # val is held out of train by id hash; present + missing cover every train-file row.
+    counted = sum(tags["counts"][s]["present"] + tags["counts"][s]["missing"] for s in ("train", "val"))
+    assert counted == len(train_rows)
+
+
+# --- Losses and metrics against NumPy / scikit-learn --------------------------------------
+
+
+def _packed(rng, n=12, labels=5, missing=(0, 3, 7)):
+    values = (rng.random((n, labels)) < 0.4).astype(np.float32)
+    present = np.ones(n, np.float32)
+    present[list(missing)] = 0
+    values[list(missing)] = 0
+    return values, present, np.concatenate([values, present[:, None]], axis=1)
+
+
+def test_masked_losses_equal_a_numpy_mean_over_present_examples():
+    rng = np.random.default_rng(0)
+    values, present, packed = _packed(rng)
+    probabilities = rng.uniform(0.02, 0.98, values.shape).astype(np.float32)
+    loss = targets_lib.MaskedLoss("multilabel")(tf.constant(packed), tf.constant(probabilities))
+    keep = present > 0
+    expected = _bce(values[keep], probabilities[keep]).mean(axis=1).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # The missing rows' values do not matter: garbage there changes nothing.
+    garbage = packed.copy()
+    garbage[~keep, :-1] = 1.0
+    again = targets_lib.MaskedLoss("multilabel")(tf.constant(garbage), tf.constant(probabilities))
+    assert float(again) == pytest.approx(float(loss), rel=1e-6)
+
+    scores = rng.normal(size=(12, 1)).astype(np.float32)
+    truth = rng.normal(size=(12, 1)).astype(np.float32)
+    packed_r = np.concatenate([truth, present[:, None]], axis=1)
+    loss_r = targets_lib.MaskedLoss("regression")(tf.constant(packed_r), tf.constant(scores))
+    assert float(loss_r) == pytest.approx(float(np.mean((truth[keep] - scores[keep]) ** 2)), rel=1e-5)
+    # No label in the batch: zero loss (and no NaN in the gradient).
+    none = packed_r.copy()
+    none[:, -1] = 0
+    assert float(targets_lib.MaskedLoss("regression")(tf.constant(none), tf.constant(scores))) == 0.0
+
+
+def test_masked_keras_metrics_equal_scikit_learn_on_present_examples():
+    rng = np.random.default_rng(1)
+    values, present, packed = _packed(rng, n=40, labels=3, missing=range(0, 40, 5))
+    probabilities = np.clip(values * 0.3 + rng.uniform(0, 0.7, values.shape), 0, 1).astype(np.float32)
+    keep = present > 0
+    auc = targets_lib.MaskedAUC(num_thresholds=2000)
+    auc.update_state(packed, probabilities)
+    micro = skm.roc_auc_score(values[keep].ravel(), probabilities[keep].ravel())
+    assert float(auc.result()) == pytest.approx(micro, abs=2e-3)
+
+    truth, scores = rng.normal(size=(40, 1)), rng.normal(size=(40, 1))
+    packed_r = np.concatenate([truth, present[:, None]], axis=1).astype(np.float32)
+    mae, rmse = targets_lib.MaskedMeanAbsoluteError(), targets_lib.MaskedRootMeanSquaredError()
+    mae.update_state(packed_r, scores.astype(np.float32))
+    rmse.update_state(packed_r, scores.astype(np.float32))
+    assert float(mae.result()) == pytest.approx(skm.mean_absolute_error(truth[keep], scores[keep]), rel=1e-5)
+    expected_rmse = np.sqrt(skm.mean_squared_error(truth[keep], scores[keep]))
+    assert float(rmse.result()) == pytest.approx(expected_rmse, rel=1e-5)
+
+
+def test_multilabel_report_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(2)
+    values = (rng.random((50, 4)) < 0.35).astype(np.float32)
+    values[:, 3] = 0  # a label with no positive: no AP/AUC, left out of the averages
+    probabilities = np.clip(values * 0.4 + rng.uniform(0, 0.6, values.shape), 0, 1)
+    m = targets_lib.multilabel_metrics(probabilities, values, ["a", "b", "c", "d"])
+    predicted = probabilities >= 0.5
+    assert m["micro_f1"] == pytest.approx(skm.f1_score(values, predicted, average="micro", zero_division=0))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(values, predicted, average="macro", zero_division=0))
+    aps = [skm.average_precision_score(values[:, j], probabilities[:, j]) for j in range(3)]
+    assert m["map"] == pytest.approx(np.mean(aps))
+    for j, name in enumerate("abc"):
+        assert m["per_label"][name]["roc_auc"] == pytest.approx(
+            skm.roc_auc_score(values[:, j], probabilities[:, j])
+        )
+    assert m["per_label"]["d"]["average_precision"] is None
+    # The frequency baseline's AP of a label is that label's positive rate (its chance level).
+    baseline = targets_lib.frequency_baseline(np.array([0.3, 0.2, 0.5, 0.0]), values, ["a", "b", "c", "d"])
+    assert baseline["map"] == pytest.approx(values[:, :3].mean(axis=0).mean())
+
+
+def test_monitor_names_the_primary_output():
+    config = tiny_config(TARGET_OVERRIDE)
+    assert targets_lib.monitor(config) == "val_category_accuracy"
+    assert targets_lib.monitor(tiny_config(TARGET_OVERRIDE, "train.monitor=val_score_mae")) == "val_score_mae"
+    assert targets_lib.monitor(tiny_config(TARGET_OVERRIDE, "train.monitor=val_loss")) == "val_loss"
+    assert targets_lib.monitor(tiny_config()) == "val_accuracy"
+
+
+# --- Training options with targets --------------------------------------------------------
+
+
+def test_early_stopping_with_targets_stops_on_the_primary_accuracy(target_manifest):
+    # Learning rate 0: val_category_accuracy (the default monitor, renamed for
+    # a multi-output model) never improves, so patience 1 stops after epoch 2 of 6.
+    config = tiny_config(
+        f"data.manifest={target_manifest}",
+        TARGET_OVERRIDE,
+        "model.modalities=[text]",
+        "model.text_encoder.name=text/bow",
+        "data.batch_size=32",
+        "train.epochs=6",
+        "train.learning_rate=0.0",
+        "train.early_stopping_patience=1",
+    )
+    _, history = fit_with_the_recipe(config)
+    assert len(history["loss"]) == 2, history
+    assert {"val_category_accuracy", "val_tags_auc", "val_score_mae", "val_score_rmse"} <= set(history)
+
+
+def test_balanced_class_weights_with_targets_weigh_only_the_primary_loss(target_manifest):
+    config = tiny_config(
+        f"data.manifest={target_manifest}",
+        TARGET_OVERRIDE,
+        "model.modalities=[text]",
+        "model.text_encoder.name=text/bow",
+        "train.class_weights=balanced",
+    )
+    metadata = prepare_data(config.data, progress=False)
+    weights = recipe.class_weights(metadata, "balanced")
+    keras.utils.set_random_seed(0)
+    model = recipe.compile_model(config, metadata)
+    train_ds, _, _ = recipe.datasets_for(config, metadata)
+    weighted, count = 0.0, 0
+    for x, y, sample_weight in train_ds:
+        assert set(sample_weight) == {"category"}
+        np.testing.assert_allclose(sample_weight["category"], weights[y["category"].numpy()])
+        out = model(x, training=False)
+        ce = keras.losses.sparse_categorical_crossentropy(y["category"], out["category"]).numpy()
+        weighted += float((ce * sample_weight["category"].numpy()).sum())
+        count += len(ce)
+    result = model.evaluate(train_ds, verbose=0, return_dict=True)
+    assert result["category_loss"] == pytest.approx(weighted / count, rel=1e-4)
+    assert weights.max() > weights.min()  # the synthetic classes are not all equal in size
+
+
+# --- Train, evaluate, export and serve ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(target_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("target_run")
+    config = tiny_config(
+        f"data.manifest={target_manifest}",
+        f"train.output_dir={out / 'run'}",
+        TARGET_OVERRIDE,
+        "model.modalities=[image,text]",
+        "model.text_encoder.name=text/bow",
+        "train.strategy=mirrored",
+        "train.epochs=2",
+        "data.batch_size=16",
+    )
+    return train(config, progress=False)
+
+
+# Trains under MirroredStrategy (2 epochs), evaluates, exports and serves: ~1 min idle, slow.
+@pytest.mark.slow
+def test_mirrored_training_reports_a_section_per_target(trained_run):
+    history = json.loads((trained_run / "history.json").read_text())
+    assert np.isfinite(history["loss"]).all()
+    report = evaluate(trained_run, ablation=False)
+    assert set(report["targets"]) == {"tags", "score"}
+    tags = report["targets"]["tags"]
+    assert tags["missing"] > 0 and tags["metrics"]["examples"] > 0
+    assert {"map", "micro_f1", "macro_f1"} <= set(tags["metrics"]) and "map" in tags["baseline"]
+    assert set(report["targets"]["score"]["metrics"]) == {"examples", "mae", "rmse"}
+    markdown = (trained_run / "report.md").read_text()
+    assert "## Target `tags` (multilabel, column `tags`)" in markdown
+    assert "## Target `score` (regression, column `rating`)" in markdown
+    assert "accuracy" in report["metrics"]  # the primary target's section is the classification report
+
+
+@pytest.mark.slow
+def test_export_outputs_equal_the_model_and_regress_serves_over_grpc(trained_run, tmp_path):
+    config, metadata, model = load_trained_model(trained_run)
+    export = export_run(trained_run, tmp_path / "models", "t")
+    directory = default_tfrecord_dir(config.data)
+    files = [str(directory / f) for f in metadata.shards["test"]]
+    serialized = [r.numpy() for r in tf.data.TFRecordDataset(files).take(6)]
+    preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model)
+    expected = model(preprocessor(preprocessor.parse_examples(tf.constant(serialized))), training=False)
+    loaded = tf.saved_model.load(str(export))
+    served = loaded.signatures["predict_examples"](examples=tf.constant(serialized))
+    np.testing.assert_allclose(served["tags/probabilities"], expected["tags"], atol=1e-5)
+    np.testing.assert_allclose(served["score/value"], expected["score"][:, 0], atol=1e-5)
+    np.testing.assert_allclose(served["category/probabilities"], expected["category"], atol=1e-5)
+    np.testing.assert_allclose(served["probabilities"], expected["category"], atol=1e-5)
+    names = np.array(metadata.label_names, object)[expected["category"].numpy().argmax(-1)]
+    assert [n.decode() for n in served["category/class_name"].numpy()] == list(names)
+    assert served["tags/labels"].numpy()[0].tolist() == [
+        n.encode() for n in metadata.targets["tags"]["label_names"]
+    ]
+
+    request = regression_pb2.RegressionRequest()
+    request.model_spec.name = "t"
+    request.model_spec.signature_name = "regress"
+    for s in serialized:
+        request.input.example_list.examples.add().ParseFromString(s)
+    specs = [ModelSpec("t", str(tmp_path / "models" / "t"))]
+    with ModelServer(specs, port=0, rest_api_port=None, file_system_poll_wait_seconds=0) as running:
+        with grpc.insecure_channel(running.grpc_target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            response = stub.Regress(request, timeout=30)
+            values = [r.value for r in response.result.regressions]
+            np.testing.assert_allclose(values, expected["score"][:, 0], atol=1e-5)
+            # Classify still serves the primary target.
+            c_request = classification_pb2.ClassificationRequest(
+                input=input_pb2.Input(example_list=request.input.example_list)
+            )
+            c_request.model_spec.name = "t"
+            c_request.model_spec.signature_name = "classify"
+            answer = stub.Classify(c_request, timeout=30)
+            scores = [[c.score for c in r.classes] for r in answer.result.classifications]
+            np.testing.assert_allclose(scores, expected["category"], atol=1e-5)
+
+
+# Two one-epoch trials: ~20 s idle, with the slow tests.
+@pytest.mark.slow
+def test_a_search_trains_targets_and_scores_the_primary_accuracy(target_manifest, tmp_path):
+    import dataclasses
+
+    from multimodal_tf import tuning
+
+    config = tiny_config(
+        f"data.manifest={target_manifest}",
+        TARGET_OVERRIDE,
+        "model.modalities=[text]",
+        "model.text_encoder.name=text/bow",
+        "train.epochs=1",
+    )
+    space = {"learning_rate": {"type": "choice", "values": [0.001, 0.01], "key": "train.learning_rate"}}
+    result = tuning.tune(
+        dataclasses.replace(config, search_space=space),
+        "random",
+        max_trials=2,
+        directory=tmp_path,
+        progress=False,
+    )
+    assert result.num_trials == 2
+    with open(result.project_dir / "trials.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["COMPLETED"] * 2
+    assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)  # val_category_accuracy, not a missing metric
+
+
+# One epoch of image+text with alignment: ~15 s idle, with the slow tests.
+@pytest.mark.slow
+def test_targets_train_jointly_with_the_alignment_loss(target_manifest):
+    config = tiny_config(
+        f"data.manifest={target_manifest}",
+        TARGET_OVERRIDE,
+        "model.modalities=[image,text]",
+        "model.text_encoder.name=text/bow",
+        "model.alignment.weight=0.5",
+        "model.alignment.pairs=[[image,text]]",
+        "model.alignment.classification_weight=0.5",
+    )
+    assert recipe.loss_weights_for(config) == {"category": 0.5, "tags": 0.5, "score": 0.25}
+    model, history = fit_with_the_recipe(config)
+    assert set(model.output) == {"category", "tags", "score"}
+    assert np.isfinite(history["loss"]).all() and np.isfinite(history["val_tags_loss"]).all()
+    assert any("align" in key for key in history), sorted(history)
