@@ -129,6 +129,10 @@ def predict_teacher(teacher_run: str | Path) -> dict:
     from multimodal_tf.evaluation import predict_split  # noqa: PLC0415  (evaluation imports plotting)
 
     config, metadata, model = run_files.load_trained_model(teacher_run)
+    if config.data.targets:
+        raise ValueError(
+            f"teacher {teacher_run}: distillation needs a one-output teacher (it has data.targets)"
+        )
     if config.model.head.type != "multiclass":
         raise ValueError(
             f"teacher {teacher_run}: distillation needs a multiclass head, got {config.model.head.type!r}"
@@ -255,6 +259,8 @@ def distill(
     """
     from multimodal_tf.training import train  # noqa: PLC0415  (training imports plotting)
 
+    if config.data.targets:
+        raise ValueError("distillation trains one output: the student config must not set data.targets")
     if config.model.head.type != "multiclass":
         raise ValueError(f"distillation needs a multiclass student head, got {config.model.head.type!r}")
     metadata = prepare_data(config.data, progress=progress)
