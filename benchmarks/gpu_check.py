@@ -173,7 +173,7 @@ def base_config(args, work: Path):
     from multimodal_tf import config as config_lib  # noqa: PLC0415
     from multimodal_tf.data.synthetic import synthesize  # noqa: PLC0415
     from multimodal_tf.demo import DEMO_CONFIG  # noqa: PLC0415
-    from multimodal_tf.testing import TINY_OVERRIDES  # noqa: PLC0415
+    from multimodal_tf.testing import tiny_config  # noqa: PLC0415
 
     manifest = None if args.quick else find_avmnist(args.data_root)
     overrides = [f"train.epochs={args.epochs}", "train.verbose=0", "train.early_stopping_patience=0"]
@@ -183,9 +183,11 @@ def base_config(args, work: Path):
         count = QUICK_EXAMPLES if args.quick else DEMO_EXAMPLES
         manifest = synthesize(work / "data", num_examples=count, seed=0)
         name, files = f"demo (synthetic, {count} examples)", [DEMO_CONFIG]
-        if args.quick:
-            overrides = [*TINY_OVERRIDES, *overrides]
     overrides.append(f"data.manifest={manifest}")
+    if args.quick:  # tiny sizes; text/bow: an LSTM's tracing and XLA compile cost most of a CPU run
+        return f"{name}, tiny", tiny_config(
+            "model.text_encoder.name=text/bow", *overrides, base=config_lib.load(files)
+        )
     return name, config_lib.load(files, overrides)
 
 
