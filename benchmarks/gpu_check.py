@@ -39,6 +39,7 @@ small synthetic set, 2 epochs (the CI test; ~1-2 min on 2 CPU cores).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -274,7 +275,15 @@ def tensorrt_reason(device: dict) -> str | None:
         from tensorflow.python.compiler.tensorrt import trt_convert  # noqa: F401, PLC0415
     except ImportError as error:
         return f"trt_convert does not import: {error}"
-    return None
+    # TF loads libnvinfer at run time; asking TF for its version without it
+    # aborts the process (TF 2.17: "getInferLibVersion symbol not found").
+    for library in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(library)
+            return None
+        except OSError:
+            continue
+    return "TensorRT's libnvinfer is not installed (pip install tensorrt, matching the TF build)"
 
 
 def convert_tensorrt(tf, saved_model_dir: Path, out: Path, batches) -> None:
