@@ -167,7 +167,7 @@ def main() -> None:
             )
     print("\nFLOPs per example: TF profiler on the frozen forward graph (+ recurrent layers analytically);")
     print(
-        "training = 3x forward; MFU = steady ex/s x training FLOPs / float32 matmul peak measured before each model"
+        "training = 3x forward; MFU = steady ex/s x training FLOPs / float32 matmul peak (max of before and after each model)"
     )
     print(
         f"{'config':<28}{'fwd MFLOP':>10}{'of it RNN':>10}{'train MFLOP':>12}{'steady ex/s':>12}"
