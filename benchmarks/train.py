@@ -10,8 +10,8 @@ Then FLOPs and MFU of our path: forward FLOPs per example from the TF
 profiler on the frozen inference graph (recurrent layers added
 analytically; multimodal_tf.profiling), training FLOPs = 3x forward,
 achieved FLOP/s = steady examples/s x training FLOPs, and MFU = that over a
-float32 matmul peak measured just before and after each model's run (the higher) (chained
-2048x2048 matmuls through TF). ``--config`` repeats; a config without a
+float32 matmul peak (chained 2048x2048 matmuls through TF) measured just
+before and after each model's run, the higher of the two. ``--config`` repeats; a config without a
 manifest (the demo) trains on the synthetic demo set.
 
     python benchmarks/train.py [--config pipelines/emoji3.yaml ...] [--epochs 3] [--no-naive] [--set key=value ...]
