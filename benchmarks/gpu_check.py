@@ -31,7 +31,7 @@ Steps, each timed and written to ``--out`` (JSON):
 
 Everything that needs a GPU is skipped on a CPU, and each skip is printed
 and listed under ``skipped`` in the JSON. ``--quick``: tiny models on a
-small synthetic set, 2 epochs (the CI test; ~1-2 min on 2 CPU cores).
+small synthetic set, image + text only, 1 epoch (the CI test on CPU).
 
     python benchmarks/gpu_check.py --out gpu_check.json [--install] [--quick] [--epochs 10]
 """
@@ -185,10 +185,9 @@ def base_config(args, work: Path):
         manifest = synthesize(work / "data", num_examples=count, seed=0)
         name, files = f"demo (synthetic, {count} examples)", [DEMO_CONFIG]
     overrides.append(f"data.manifest={manifest}")
-    if args.quick:  # tiny sizes; text/bow: an LSTM's tracing and XLA compile cost most of a CPU run
-        return f"{name}, tiny", tiny_config(
-            "model.text_encoder.name=text/bow", *overrides, base=config_lib.load(files)
-        )
+    if args.quick:  # tiny sizes, two cheap branches: tracing and XLA compiles are most of a CPU run
+        quick = ["model.modalities=[image,text]", "model.text_encoder.name=text/bow"]
+        return f"{name}, tiny image+text", tiny_config(*quick, *overrides, base=config_lib.load(files))
     return name, config_lib.load(files, overrides)
 
 
@@ -311,14 +310,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="gpu_check.json", help="JSON of the results")
     parser.add_argument("--install", action="store_true", help="venv from requirements/lock.txt first")
     parser.add_argument("--venv", default=str(Path(tempfile.gettempdir()) / "mmtf-gpu-venv"))
-    parser.add_argument("--quick", action="store_true", help="tiny models, synthetic data, 2 epochs")
-    parser.add_argument("--epochs", type=int, default=None, help="default 10 (2 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny image+text model, synthetic data, 1 epoch")
+    parser.add_argument("--epochs", type=int, default=None, help="default 10 (1 with --quick)")
     parser.add_argument("--data-root", default=None, help="folder holding avmnist/manifest.csv")
     parser.add_argument("--work", default=None, help="data, runs and exports (default: a temp folder)")
     parser.add_argument("--calls", type=int, default=50, help="timed calls per latency measurement")
     parser.add_argument("--installed", default=None, help=argparse.SUPPRESS)  # set by the re-run in the venv
     args = parser.parse_args(argv)
-    args.epochs = args.epochs or (2 if args.quick else 10)
+    args.epochs = args.epochs or (1 if args.quick else 10)
     started = time.perf_counter()
     results: dict = {"skipped": [], "steps_seconds": {}}
 
