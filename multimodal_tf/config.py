@@ -216,6 +216,44 @@ class ModalityDropoutConfig(Checked):
 
 
 @dataclasses.dataclass(frozen=True)
+class AlignmentConfig(Checked):
+    """Contrastive alignment of modality embeddings (alignment.py); ``weight`` 0 = off.
+
+    Each pair's encoder outputs are projected to ``dim``, L2-normalised and
+    pulled together by a symmetric InfoNCE loss (CLIP), on the examples where
+    both modalities of the pair are present.
+    """
+
+    weight: float = option(0.0, minimum=0.0)  # of the alignment loss; 0 disables alignment
+    temperature: float = option(0.07, minimum=1e-4)  # softmax temperature of the similarities
+    pairs: tuple[tuple[str, ...], ...] = ()  # e.g. [[image, text], [audio, text]]
+    dim: int = option(64, minimum=1)  # size of the shared embedding space
+    # Weight of the classification loss next to the alignment loss; 0 trains
+    # the alignment alone (the head then stays at its initial weights).
+    classification_weight: float = option(1.0, minimum=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, pair in enumerate(self.pairs):
+            if len(pair) != 2 or len(set(pair)) != 2 or not set(pair) <= set(MODALITIES):
+                raise ConfigFieldError(
+                    f"pairs[{i}]",
+                    f"expected two different modalities from {list(MODALITIES)}, got {list(pair)}",
+                )
+        if self.weight > 0 and not self.pairs:
+            raise ConfigFieldError("pairs", "alignment.weight > 0 needs at least one pair")
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0 and bool(self.pairs)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The aligned modalities, in MODALITIES order."""
+        return tuple(m for m in MODALITIES if any(m in pair for pair in self.pairs))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig(Checked):
     """The model: which modalities, their encoders, fusion and head."""
 
@@ -231,9 +269,13 @@ class ModelConfig(Checked):
     # initialised copies of the whole model, each trained on its own loss,
     # whose probabilities are averaged (models.EnsembleModel).
     ensemble_size: int = option(1, minimum=1)
+    alignment: AlignmentConfig = AlignmentConfig()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        outside = [m for m in self.alignment.modalities if m not in self.modalities]
+        if outside:
+            raise ConfigFieldError("alignment.pairs", f"modalities {outside} are not in model.modalities")
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if not self.modalities or unknown or len(set(self.modalities)) != len(self.modalities):
             raise ConfigFieldError(

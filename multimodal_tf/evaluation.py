@@ -204,6 +204,10 @@ def evaluate(
         report["robustness"] = robustness_report(model, config, metadata, split, out_dir, robustness)
     if isinstance(model, EnsembleModel):
         report["members"] = ensemble_members(model, config, metadata, split)
+    if config.model.alignment.enabled:
+        from multimodal_tf.retrieval import retrieval_report  # noqa: PLC0415
+
+        report["retrieval"] = retrieval_report(model, config, metadata, split)
     report["comparison"] = [_comparison_row(run_dir, config, report["metrics"])]
     for other in compare:
         other_config, other_metadata, other_model = load_trained_model(other)
@@ -215,7 +219,12 @@ def evaluate(
         for i, y, p in zip(ids, labels, probabilities, strict=False):
             f.write(f"{i.decode()},{y},{p.argmax()}," + ",".join(f"{v:.5f}" for v in p) + "\n")
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-    (run_dir / "report.md").write_text(to_markdown(report, metadata.label_names))
+    markdown = to_markdown(report, metadata.label_names)
+    if "retrieval" in report:
+        from multimodal_tf.retrieval import retrieval_markdown  # noqa: PLC0415
+
+        markdown += "\n" + retrieval_markdown(report["retrieval"])
+    (run_dir / "report.md").write_text(markdown)
     return report
 
 

@@ -123,7 +123,8 @@ class ServingModule(tf.Module):
 
     def signatures(self) -> dict:
         string = lambda name: tf.TensorSpec([None], tf.string, name=name)  # noqa: E731
-        return {
+        embedding = getattr(self, "embedding", None)  # model.alignment: retrieval.EmbeddingModule
+        return (embedding.signatures() if embedding is not None else {}) | {
             DEFAULT_SIGNATURE: self.serve_raw.get_concrete_function({m: string(m) for m in self.modalities}),
             PREDICT_EXAMPLES_SIGNATURE: self.serve_examples.get_concrete_function(string(EXAMPLES_INPUT)),
             CLASSIFY_SIGNATURE: self.classify.get_concrete_function(string(CLASSIFY_INPUTS)),
@@ -307,6 +308,10 @@ def export_run(
     preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model)
     specs = features.model_feature_specs(config.data, config.model)
     module = ServingModule(model, preprocessor, metadata.label_names, config.model.head.type, specs)
+    if config.model.alignment.enabled:
+        from multimodal_tf.retrieval import EmbeddingModule  # noqa: PLC0415
+
+        module.embedding = EmbeddingModule(model, preprocessor, config.model.alignment.modalities)
     # TF Serving ignores non-numeric folders, so a half-written export is invisible.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from multimodal_tf.alignment import add_alignment
 from multimodal_tf.calibration import TemperatureScaling
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import HEAD_TYPES, MODALITIES, EncoderConfig, ExperimentConfig, ModelConfig
@@ -137,6 +138,8 @@ def build_model(config: ExperimentConfig, num_classes: int, vocab_size: int) -> 
         raise ValueError(f"model.ensemble_size must be >= 1, got {size}")
     seed = config.train.seed
     calibrated = config.train.calibration == "temperature"
+    if size > 1 and config.model.alignment.enabled:
+        raise ValueError("model.alignment needs model.ensemble_size 1 (members would each have a space)")
     if size == 1:
         return _build_classifier(config, num_classes, vocab_size, seed, "multimodal_classifier", calibrated)
     # Each member draws its own initial weights from the seeded global
@@ -268,6 +271,8 @@ def _build_classifier(
         x = layer(x)
     outputs = output_layer(x)
     model = keras.Model(inputs=inputs, outputs=outputs, name=name)
+    if model_config.alignment.enabled:
+        add_alignment(model, model_config.alignment, inputs, embeddings)
 
     for modality in modalities:
         checkpoint = encoder_config(model_config, modality).checkpoint

@@ -152,6 +152,10 @@ def compile_model(config: ExperimentConfig, metadata: DatasetMetadata, num_repli
         model.compile(
             optimizer=optimizer,
             loss=loss_for(config),
+            # model.alignment adds its loss to model.losses; this weighs the head's.
+            loss_weights=[config.model.alignment.classification_weight]
+            if config.model.alignment.enabled
+            else None,
             metrics=metrics_for(config),
             jit_compile=config.train.jit_compile,
             steps_per_execution=config.train.steps_per_execution,

@@ -25,3 +25,9 @@ PROBABILITIES, CLASS_ID, CLASS_NAME = "probabilities", "class_id", "class_name"
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE_NAME = "tf_serving_warmup_requests"
 WARMUP_PATH = PurePosixPath(ASSETS_EXTRA) / WARMUP_FILE_NAME
+
+# model.alignment: "embed_<modality>" (raw <modality> -> unit "embedding"), and
+# "search" (+ "search_<modality>") in a version written by ``mmtf index``.
+EMBED_PREFIX, EMBEDDING = "embed_", "embedding"
+SEARCH_SIGNATURE, SEARCH_IDS, SEARCH_SCORES, SEARCH_INDICES = "search", "ids", "scores", "indices"
+INDEX_FILE = "index.json"  # in assets.extra of an indexed version: corpus size, modality, k

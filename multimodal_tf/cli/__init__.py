@@ -13,7 +13,7 @@ import sys
 import time
 
 from multimodal_tf import runtime
-from multimodal_tf.cli import data, demo, launch, run, serving, tune
+from multimodal_tf.cli import data, demo, launch, retrieval, run, serving, tune
 from multimodal_tf.cli.common import add_config_args, import_tensorflow, load_config, quiet_tensorflow_logs
 
 quiet_tensorflow_logs()  # before anything imports TensorFlow
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     data.add_parser(sub)
     run.add_parsers(sub)
+    retrieval.add_parser(sub)
     serving.add_serve_parser(sub)
     serving.add_predict_parser(sub)
     tune.add_parser(sub)

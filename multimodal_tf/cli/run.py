@@ -91,6 +91,11 @@ def cmd_evaluate(args) -> int:
             f"  {row['name']:<20} relative robustness {row['relative_robustness']:.4f}, "
             f"effective {row['effective_robustness']:+.4f}"
         )
+    for row in report.get("retrieval", []):
+        print(
+            f"  {row['query']}->{row['gallery']:<6} R@1 {row['recall@1']:.3f} (chance {row['chance_recall@1']:.3f}), "
+            f"R@10 {row['recall@10']:.3f} (chance {row['chance_recall@10']:.3f}), mAP {row['mAP']:.3f}"
+        )
     print(f"report: {Path(args.run_dir) / 'report.md'}")
     return 0
 
