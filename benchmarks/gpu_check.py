@@ -336,6 +336,14 @@ def main(argv=None) -> int:
     else:
         results["install"] = args.installed or "not asked (--install): current environment"
 
+    try:
+        import tensorflow  # noqa: F401, PLC0415
+    except ImportError as error:  # e.g. a lent machine without TF and without network for --install
+        results["error"] = f"TensorFlow does not import in {sys.executable}: {error}; nothing checked"
+        log(f"ERROR {results['error']} (install the stack, or run with --install where there is network)")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="mmtf-gpu-check-"))
     os.environ.setdefault("MMTF_CACHE_DIR", str(work / "cache"))
     from multimodal_tf import profiling  # noqa: PLC0415

@@ -59,3 +59,17 @@ def test_same_accuracy_uses_binomial_noise():
     # 3 * sqrt(2 p (1-p) / n) at p = 0.89: 0.0664
     assert checked["xla"]["tolerance"] == pytest.approx(3 * (2 * 0.89 * 0.11 / 400) ** 0.5)
     assert checked["xla"]["within_noise"] and not checked["mixed_float16"]["within_noise"]
+
+
+def test_without_tensorflow_it_says_so_and_writes_the_json(tmp_path):
+    """A lent machine may have neither TF nor network for --install: a clear error, not a traceback."""
+    out = tmp_path / "gpu_check.json"
+    code = (
+        "import runpy, sys; sys.modules['tensorflow'] = None; "  # `import tensorflow` now raises ImportError
+        f"sys.argv = ['gpu_check.py', '--out', {str(out)!r}]; "
+        f"runpy.run_path({str(REPO / 'benchmarks' / 'gpu_check.py')!r}, run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "TensorFlow does not import" in result.stdout
+    assert "nothing checked" in json.loads(out.read_text())["error"]
