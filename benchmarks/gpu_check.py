@@ -393,15 +393,18 @@ def main(argv=None) -> int:
     results["same_accuracy"] = {"test_examples": test_examples, **accuracy}
 
     log(f"\n{name}: {flops.forward / 1e6:.2f} MFLOP forward per example (train 3x), {args.epochs} epochs")
-    header = f"{'variant':<15}{'ex/s':>10}{'TFLOP/s':>10}{'MFU sheet':>11}{'MFU meas.':>11}{'test acc':>10}{'within':>8}"
+    header = f"{'variant':<15}{'ex/s':>10}{'GFLOP/s':>10}{'MFU sheet':>11}{'MFU meas.':>11}{'test acc':>10}{'within':>8}"
     log(header)
     for variant, row in trained.items():
-        sheet = row["mfu_vs_datasheet"]
+        sheet, measured = row["mfu_vs_datasheet"], row["mfu_vs_measured"]
+        sheet = f"{100 * sheet:.3g}%" if sheet is not None else "-"
         log(
-            f"{variant:<15}{row['examples_per_second']:>10,.0f}{row['achieved_tflops']:>10.4f}"
-            f"{(f'{sheet:.2%}' if sheet is not None else '-'):>11}{row['mfu_vs_measured']:>11.2%}"
+            f"{variant:<15}{row['examples_per_second']:>10,.0f}{1000 * row['achieved_tflops']:>10.3g}"
+            f"{sheet:>11}{f'{100 * measured:.3g}%':>11}"
             f"{row['test_accuracy']:>10.3f}{str(accuracy[variant]['within_noise']):>8}"
         )
+    if args.epochs == 1:
+        log("(1 epoch: the rates include tracing and compiling; use --epochs 2+ for steady rates)")
 
     from multimodal_tf.export import export_run  # noqa: PLC0415
 
