@@ -130,8 +130,9 @@ def matmul_peak(
 
     Chained so each product depends on the last (no op can be skipped or
     overlapped away) and scaled to stay finite; the first call (tracing,
-    autotuning) is not timed. FACTS.md: ~430-470 GFLOP/s float32 on the
-    2-core development machine at 2048-4096.
+    autotuning) is not timed. On the 2-core development machine: 90-117
+    GFLOP/s float32 at 2048-4096 under light load (NumPy: 110), far less
+    under heavy load (docs/benchmarks.md, "FLOPs and MFU").
     """
     with tf.device(device or ("/GPU:0" if tf.config.list_logical_devices("GPU") else "/CPU:0")):
         a = tf.random.normal([size, size], dtype=tf.float32) / (size**0.5)
