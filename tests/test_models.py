@@ -163,6 +163,20 @@ def test_mixed_precision_output_is_float32():
         keras.mixed_precision.set_global_policy("float32")
 
 
+def test_text_bow_runs_under_mixed_precision():
+    """Its padding mask once stayed float32 beside float16 embeddings (found by benchmarks/gpu_check.py)."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        config = testing.tiny_config("model.modalities=[text]", "model.text_encoder.name=text/bow")
+        model = models.build_model(config, NUM_CLASSES, VOCAB_SIZE)
+        inputs = testing.random_features(config)
+        inputs["text"][:, 3:] = 0  # padding, which the mask must hide
+        output = model(inputs, training=False)
+        assert output.dtype == tf.float32 and np.isfinite(output.numpy()).all()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_encoder_checkpoint_is_loaded(tmp_path):
     from multimodal_tf.encoders import save_encoder_checkpoint
 

@@ -224,7 +224,7 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
         x = self.embedding(tokens)
         if self.sequence_output:
             return masked_sequence(self.dropout(x, training=training), tf.not_equal(tokens, 0))
-        mask = tf.cast(tf.not_equal(tokens, 0), tf.float32)[..., None]  # [B, T, 1]
+        mask = tf.cast(tf.not_equal(tokens, 0), x.dtype)[..., None]  # [B, T, 1]; float16 under mixed_float16
         count = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
         mean = tf.reduce_sum(x * mask, axis=1) / count
         if self.linear:
