@@ -83,7 +83,7 @@ def write_description(artifact: Path, kind: str, run_dir: Path, flags: dict, **d
         "bytes": size_bytes(artifact),
         "gzip_bytes": gzip_bytes(artifact),
         "tools": tool_versions(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **details,
     }
     path = description_path(artifact)

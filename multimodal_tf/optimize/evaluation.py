@@ -45,8 +45,11 @@ def evaluate_artifact(run_dir: str | Path, artifact: str | Path, split: str = "t
         raise ValueError(f"split {split!r} not in the dataset; have {sorted(metadata.shards)}")
     runner = load_runner(artifact)
     probabilities, labels, _ = predict_split_with(runner, config, metadata, split)
-    name = artifact.parent.name if artifact.name.isdigit() else artifact.name
-    out_dir = artifact.parent / f"eval_{name.replace('.', '_')}_{split}"
+    if artifact.name.isdigit():  # a SavedModel version: report beside its model folder, not inside
+        name, folder = artifact.parent.name, artifact.parent.parent
+    else:
+        name, folder = artifact.name, artifact.parent
+    out_dir = folder / f"eval_{name.replace('.', '_')}_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(probabilities, labels, metadata.label_names)
     report = {

@@ -106,19 +106,19 @@ def convert(model, config, metadata, quantization: str) -> Conversion:
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS[1:])}; got {quantization!r}")
-    converter = _converter(model, config)
-    if quantization == "float":
-        return Conversion(converter.convert(), quantization)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantization == "dynamic":
-        return Conversion(converter.convert(), quantization)
-    if has_recurrent_layers(model):
+    if quantization == "int8" and has_recurrent_layers(model):
         # Measured on TF 2.21: calibrating TFLite's fused LSTM for int8 kills
         # the process (segmentation fault), so refuse before converting.
         raise ValueError(
             "--quantize int8 does not support models with an LSTM (text/lstm): the TF 2.21 "
             "converter crashes calibrating TFLite's fused LSTM; use --quantize dynamic"
         )
+    converter = _converter(model, config)
+    if quantization == "float":
+        return Conversion(converter.convert(), quantization)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "dynamic":
+        return Conversion(converter.convert(), quantization)
     converter.representative_dataset = lambda: representative_features(config, metadata)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
