@@ -10,6 +10,7 @@ text stay outside, in the same tf.data preprocessing training uses. The raw
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -176,3 +177,29 @@ class TFLiteRunner:
     def _run(self, inputs: dict) -> np.ndarray:
         outputs = self.runner(**inputs)
         return np.asarray(next(iter(outputs.values())), np.float32)
+
+
+def convert_raw_signature(saved_model_dir) -> tuple[bytes | None, str]:
+    """Tries the export's raw-bytes ``serving_default`` as TFLite with select TF ops.
+
+    The documented path for raw inputs: TFLite builtins plus TF kernels
+    (``SELECT_TF_OPS``, the Flex delegate) for what TFLite lacks (PNG/WAV
+    decoding, string ops). Returns ``(flatbuffer or None, message)``; the
+    message names what did not convert.
+    """
+    from multimodal_tf.signatures import DEFAULT_SIGNATURE  # noqa: PLC0415
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model_dir), signature_keys=[DEFAULT_SIGNATURE]
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    converter.allow_custom_ops = False
+    try:
+        return converter.convert(), "converted with select TF ops"
+    except Exception as error:  # noqa: BLE001  (ConverterError carries the op list in its text)
+        missing = sorted(set(re.findall(r"'tf\.(\w+)' op is neither a custom op nor a flex op", str(error))))
+        if missing:
+            return None, "ops with neither a TFLite builtin nor a Flex (select TF) kernel: " + ", ".join(
+                missing
+            )
+        return None, str(error).strip().splitlines()[0][:500]
