@@ -124,3 +124,15 @@ def test_int8_refuses_an_LSTM_model_and_pruning_checks_its_target():
     with pytest.raises(ValueError, match="sparsity in"):
         pruning.pruning_schedule(1.5, 100)
     assert pruning.sparsity_of([np.array([[0.0, 1.0], [0.0, 2.0]])]) == 0.5
+
+
+@pytest.mark.slow  # reads the module's optimized run
+def test_raw_signature_converts_with_select_ops_and_savedmodel_artifacts_evaluate(optimized):
+    run, out = optimized
+    # image + audio: PNG/WAV decoding converts through the Flex (select TF ops) path.
+    flatbuffer, message = quantization.convert_raw_signature(out / "pruned" / "1")
+    assert flatbuffer is not None, message
+    report = evaluate_artifact(run, out / "pruned" / "1")
+    assert (out / "eval_pruned_test" / "report.json").exists()
+    onnx_report = evaluate_artifact(run, out / "pruned_model.onnx")
+    assert onnx_report["metrics"]["accuracy"] == report["metrics"]["accuracy"]
