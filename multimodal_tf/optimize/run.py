@@ -6,7 +6,6 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from multimodal_tf.optimize import artifacts
 from multimodal_tf.optimize.artifacts import OPTIMIZED_DIR, PRUNED_NAME, artifact_name, write_description
 from multimodal_tf.run_dir import load_trained_model
 
@@ -96,4 +95,4 @@ def optimize_run(run_dir: str | Path, options: OptimizeOptions) -> list[Path]:
     return written
 
 
-__all__ = ["OptimizeOptions", "artifacts", "optimize_run"]
+__all__ = ["OptimizeOptions", "optimize_run"]
