@@ -22,7 +22,7 @@ from multimodal_tf.config import MULTILABEL, REGRESSION
 from multimodal_tf.data import features
 from multimodal_tf.data.cache import default_tfrecord_dir
 from multimodal_tf.data.preprocessing import Preprocessor
-from multimodal_tf.run_dir import METADATA_FILE, load_trained_model
+from multimodal_tf.run_dir import METADATA_FILE, load_run, load_trained_model
 from multimodal_tf.signatures import (
     ASSETS_EXTRA,
     CLASS_ID,
@@ -356,6 +356,7 @@ def export_run(
     model_name: str,
     version: int | None = None,
     target_serving: str | None = None,
+    model=None,
 ) -> Path:
     """Exports a run's best weights to ``BASE/NAME/VERSION`` atomically.
 
@@ -366,9 +367,14 @@ def export_run(
         version: the version number; None: one above the highest there.
         target_serving: the TF Serving line whose ops the graph must keep
             to (see :func:`check_ops`); None: the installed TF's.
+        model: the run's model with other weights (``mmtf optimize --prune``);
+            None: the run's best weights.
     """
     target_text_ops(target_serving or default_target_serving())  # an unknown target fails before work
-    config, metadata, model = load_trained_model(run_dir)
+    if model is None:
+        config, metadata, model = load_trained_model(run_dir)
+    else:
+        config, metadata = load_run(run_dir)
     model_dir = Path(base_path) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     version = version or next_version(model_dir)

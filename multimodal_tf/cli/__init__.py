@@ -13,7 +13,7 @@ import sys
 import time
 
 from multimodal_tf import runtime
-from multimodal_tf.cli import data, demo, distill, launch, retrieval, run, serving, tune
+from multimodal_tf.cli import data, demo, distill, launch, optimize, retrieval, run, serving, tune
 from multimodal_tf.cli.common import add_config_args, import_tensorflow, load_config, quiet_tensorflow_logs
 
 quiet_tensorflow_logs()  # before anything imports TensorFlow
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_serve_parser(sub)
     serving.add_predict_parser(sub)
     tune.add_parser(sub)
+    optimize.add_parser(sub)
     launch.add_parser(sub)
     demo.add_parser(sub)
     return parser

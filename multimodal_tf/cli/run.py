@@ -65,6 +65,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.artifact:
+        return cmd_evaluate_artifact(args)
     from multimodal_tf.evaluation import evaluate  # noqa: PLC0415
     from multimodal_tf.robustness import RobustnessOptions  # noqa: PLC0415
 
@@ -97,6 +99,20 @@ def cmd_evaluate(args) -> int:
             f"R@10 {row['recall@10']:.3f} (chance {row['chance_recall@10']:.3f}), mAP {row['mAP']:.3f}"
         )
     print(f"report: {Path(args.run_dir) / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate_artifact(args) -> int:
+    """``mmtf evaluate RUN --artifact FILE``: a .tflite/.onnx/SavedModel through the same preprocessing."""
+    from multimodal_tf.optimize.evaluation import evaluate_artifact  # noqa: PLC0415
+
+    report = evaluate_artifact(args.run_dir, args.artifact, args.split)
+    m = report["metrics"]
+    print(
+        f"{args.split} ({args.artifact}): accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
+        f"log loss {m['log_loss']:.4f}"
+    )
+    print(f"report: {report['report_dir']}/report.md")
     return 0
 
 
@@ -140,6 +156,12 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--compare", nargs="*", help="other run dirs (e.g. unimodal baselines) for the table")
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument(
+        "--artifact",
+        metavar="FILE",
+        help="score this .tflite/.onnx file (or SavedModel folder) of `mmtf optimize` instead of the run's "
+        "Keras model, on the same preprocessed features (docs/optimization.md)",
+    )
     p.add_argument(
         "--robustness", action="store_true", help="accuracy vs degradation level per modality (MultiBench)"
     )

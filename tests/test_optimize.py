@@ -1,0 +1,138 @@
+"""mmtf optimize: pruned sparsity reached, TFLite/ONNX outputs vs the SavedModel, evaluate --artifact.
+
+One tiny image+audio run (no LSTM: TFLite int8 refuses those, see
+test_int8_refuses_an_LSTM_model) is optimized once by the CLI; the slow
+tests read what it wrote. The default test converts an untrained model.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from multimodal_tf import cli
+from multimodal_tf.compat import tf
+from multimodal_tf.data.pipeline import make_dataset
+from multimodal_tf.models import build_model
+from multimodal_tf.optimize import artifacts, onnx, pruning, quantization
+from multimodal_tf.optimize.evaluation import evaluate_artifact
+from multimodal_tf.run_dir import load_run, load_trained_model
+from multimodal_tf.testing import random_features, tiny_config
+from multimodal_tf.training import train
+
+TARGET_SPARSITY = 0.5
+
+
+@pytest.fixture(scope="module")
+def optimized(synth_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("optimize_run")
+    config = tiny_config(
+        f"data.manifest={synth_manifest}",
+        f"train.output_dir={out / 'run'}",
+        "train.epochs=2",
+        "model.modalities=[image,audio]",
+    )
+    run = train(config, progress=False)
+    argv = ["optimize", str(run), "--prune", str(TARGET_SPARSITY), "--prune-epochs", "1"]
+    assert cli.main([*argv, "--quantize", "dynamic", "int8", "--onnx"]) == 0
+    return run, run / artifacts.OPTIMIZED_DIR
+
+
+def _test_features(run, count=48):
+    config, metadata = load_run(run)
+    dataset = make_dataset(config, "test", training=False, metadata=metadata, batch_size=count)
+    x, _ = next(iter(dataset))
+    return {name: value.numpy() for name, value in x.items()}
+
+
+@pytest.mark.slow  # the module's run: train, prune fine-tune, export, 3 conversions (~70 s CPU)
+def test_optimize_writes_each_artifact_with_its_json(optimized):
+    run, out = optimized
+    names = ["pruned_model_dynamic.tflite", "pruned_model_int8.tflite", "pruned_model.onnx"]
+    for name in names:
+        description = json.loads(artifacts.description_path(out / name).read_text())
+        assert description["artifact"] == name
+        assert description["source_run"] == str(run.resolve())
+        assert description["flags"]["prune"] == TARGET_SPARSITY
+        assert description["bytes"] == (out / name).stat().st_size > 0
+        assert description["tools"]["tensorflow"] == tf.__version__
+    pruned = json.loads((out / "pruned.json").read_text())
+    assert pruned["artifact"] == "pruned/1" and (out / "pruned" / "1" / "saved_model.pb").exists()
+    int8 = json.loads((out / "pruned_model_int8.tflite.json").read_text())
+    assert int8["int8_only"] is True  # every op of this model has an int8 kernel
+
+
+@pytest.mark.slow  # the module's run: train, prune fine-tune, export, 3 conversions (~70 s CPU)
+def test_pruned_savedmodel_reaches_the_target_sparsity(optimized):
+    _, out = optimized
+    loaded = tf.saved_model.load(str(out / "pruned" / "1"))
+    kernels = [v.numpy() for v in loaded.model.trainable_variables if len(v.shape) >= 2]
+    zeros = sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
+    # tfmot rounds the zero count per tensor: within 1% of the target.
+    assert abs(zeros - TARGET_SPARSITY) < 0.01
+    assert json.loads((out / "pruned.json").read_text())["sparsity"] == pytest.approx(zeros)
+
+
+@pytest.mark.slow  # the module's run: train, prune fine-tune, export, 3 conversions (~70 s CPU)
+def test_tflite_and_onnx_match_the_pruned_savedmodel(optimized):
+    run, out = optimized
+    x = _test_features(run)
+    reference = artifacts.load_runner(out / "pruned" / "1")(x)
+    # ONNX: the same float32 graph on other kernels (summation order only).
+    assert np.abs(artifacts.load_runner(out / "pruned_model.onnx")(x) - reference).max() < 1e-5
+    # Dynamic range: int8 weights dequantized to float; errors ~1e-3 in probability.
+    dynamic = artifacts.load_runner(out / "pruned_model_dynamic.tflite")(x)
+    assert np.abs(dynamic - reference).max() < 0.02
+    # Full int8: activations on a 1/256-ish grid through every layer; what
+    # matters is the decision, so: the top class agrees on >= 90% of examples
+    # and no probability moves by more than 0.1.
+    int8 = artifacts.load_runner(out / "pruned_model_int8.tflite")(x)
+    assert (int8.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+    assert np.abs(int8 - reference).max() < 0.1
+
+
+@pytest.mark.slow  # the module's run: train, prune fine-tune, export, 3 conversions (~70 s CPU)
+def test_evaluate_artifact_on_onnx_equals_evaluate_on_the_float_model(optimized, tmp_path):
+    run, _ = optimized
+    config, metadata, model = load_trained_model(run)
+    path = tmp_path / "model.onnx"
+    path.write_bytes(onnx.convert(model, config))
+    assert cli.main(["evaluate", str(run), "--no-ablation"]) == 0
+    expected = json.loads((run / "report.json").read_text())
+    report = evaluate_artifact(run, path)
+    written = json.loads((tmp_path / "eval_model_onnx_test" / "report.json").read_text())
+    assert set(expected) - {"ablation"} <= set(written)
+    assert report["metrics"]["accuracy"] == expected["metrics"]["accuracy"]
+    assert report["metrics"]["log_loss"] == pytest.approx(expected["metrics"]["log_loss"], abs=1e-5)
+
+
+def test_tflite_and_onnx_of_an_untrained_model_match_keras():
+    config = tiny_config("model.modalities=[image,audio]")
+    model = build_model(config, 4, 50)
+    x = random_features(config, batch_size=6)
+    reference = model(x, training=False).numpy()
+    tflite = quantization.TFLiteRunner(quantization.convert(model, config, None, "float").flatbuffer)
+    assert np.abs(tflite(x) - reference).max() < 1e-5  # float32 both, kernel order only
+    assert np.abs(onnx.ONNXRunner(onnx.convert(model, config))(x) - reference).max() < 1e-5
+
+
+def test_int8_refuses_an_LSTM_model_and_pruning_checks_its_target():
+    config = tiny_config()  # text/lstm
+    model = build_model(config, 3, 50)
+    with pytest.raises(ValueError, match="LSTM"):
+        quantization.convert(model, config, None, "int8")
+    with pytest.raises(ValueError, match="sparsity in"):
+        pruning.pruning_schedule(1.5, 100)
+    assert pruning.sparsity_of([np.array([[0.0, 1.0], [0.0, 2.0]])]) == 0.5
+
+
+@pytest.mark.slow  # reads the module's optimized run
+def test_raw_signature_converts_with_select_ops_and_savedmodel_artifacts_evaluate(optimized):
+    run, out = optimized
+    # image + audio: PNG/WAV decoding converts through the Flex (select TF ops) path.
+    flatbuffer, message = quantization.convert_raw_signature(out / "pruned" / "1")
+    assert flatbuffer is not None, message
+    report = evaluate_artifact(run, out / "pruned" / "1")
+    assert (out / "eval_pruned_test" / "report.json").exists()
+    onnx_report = evaluate_artifact(run, out / "pruned_model.onnx")
+    assert onnx_report["metrics"]["accuracy"] == report["metrics"]["accuracy"]
