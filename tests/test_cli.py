@@ -10,7 +10,20 @@ from multimodal_tf.cli import tune as tune_cli
 from multimodal_tf.cli.common import IMPORT_NOISE
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("data", "train", "distill", "evaluate", "export", "serve", "predict", "tune", "optimize", "index", "launch", "demo")
+COMMANDS = (
+    "data",
+    "train",
+    "distill",
+    "evaluate",
+    "export",
+    "serve",
+    "predict",
+    "tune",
+    "optimize",
+    "index",
+    "launch",
+    "demo",
+)
 # Prints whether TensorFlow was imported after `mmtf ARGS` ran (help exits via SystemExit).
 PROBE = (
     "import sys\nfrom multimodal_tf.cli import main\n"
