@@ -136,3 +136,20 @@ def test_raw_signature_converts_with_select_ops_and_savedmodel_artifacts_evaluat
     assert (out / "eval_pruned_test" / "report.json").exists()
     onnx_report = evaluate_artifact(run, out / "pruned_model.onnx")
     assert onnx_report["metrics"]["accuracy"] == report["metrics"]["accuracy"]
+
+
+def test_a_missing_optimize_extra_is_named_before_any_work(monkeypatch, tmp_path):
+    # The TF 2.17 compatibility lock has no [optimize] extra: the command must say
+    # what to install, not fail inside a conversion step.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("tf2onnx", "onnxruntime") else real(name, *a),
+    )
+    with pytest.raises(SystemExit, match=r"tf2onnx, onnxruntime not installed.*\[optimize\]"):
+        cli.main(["optimize", str(tmp_path / "no_run"), "--onnx"])
+    # Without that flag nothing is missing: the run dir is the next thing checked.
+    assert cli.main(["optimize", str(tmp_path / "no_run"), "--tflite"]) == 2

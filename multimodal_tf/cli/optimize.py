@@ -2,8 +2,35 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+# What each flag needs beyond the training stack: the `[optimize]` extra, in the
+# default lock but not in the TF 2.17 compatibility lock (docs/dependencies.md).
+_NEEDS = {
+    "prune": ("tensorflow_model_optimization", "tensorflow-model-optimization"),
+    "onnx_converter": ("tf2onnx", "tf2onnx"),
+    "onnx_runtime": ("onnxruntime", "onnxruntime"),
+}
+
+
+def missing_packages(args) -> list[str]:
+    """The pip names of the packages ``args`` needs that are not installed."""
+    wanted = []
+    if args.prune:
+        wanted.append(_NEEDS["prune"])
+    if args.onnx:
+        wanted += [_NEEDS["onnx_converter"], _NEEDS["onnx_runtime"]]
+    return [pip for module, pip in wanted if importlib.util.find_spec(module) is None]
+
 
 def cmd_optimize(args) -> int:
+    missing = missing_packages(args)
+    if missing:
+        # One line naming what to install, instead of a ModuleNotFoundError deep in a step.
+        raise SystemExit(
+            f"mmtf optimize: {', '.join(missing)} not installed; "
+            "install the [optimize] extra (pip install 'multimodal-tf[optimize]')"
+        )
     from multimodal_tf.optimize.run import OptimizeOptions, optimize_run  # noqa: PLC0415
 
     options = OptimizeOptions(
