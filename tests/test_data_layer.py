@@ -268,8 +268,33 @@ def test_features_over_the_memory_budget_are_cached_on_disk(synth_manifest, tmp_
     epochs = {}
     for budget in (2048, 0):
         config = ExperimentConfig(data=dataclasses.replace(data, cache_memory_mb=budget))
-        dataset = pipeline.make_dataset(config, "test", training=False, with_ids=True)
+        dataset = pipeline.make_dataset(config, "train", training=False, with_ids=True)
         epochs[budget] = [[ids.numpy().tolist() for _, _, ids in dataset] for _ in range(2)]
         files = list((tmp_path / "features").rglob("features*"))
         assert bool(files) == (budget == 0)  # over budget: a cache file, else none
     assert epochs[0][0] == epochs[0][1] == epochs[2048][0]
+
+
+def test_a_runs_metadata_finds_its_records_from_another_cache_or_says_why(tmp_path, monkeypatch):
+    # A run evaluated from another working directory (the cache is relative) or
+    # after the cache was cleared: converted again, not a NotFoundError mid-iteration.
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache_a"))
+    manifest = synthesize(tmp_path / "data", num_examples=8, seed=0)
+    config = ExperimentConfig(data=DataConfig(manifest=str(manifest), num_shards=1, validation_fraction=0.0))
+    metadata = cache.prepare_data(config.data, progress=False)
+    before = [
+        ids.numpy().tolist()
+        for _, _, ids in pipeline.make_dataset(config, "train", training=False, with_ids=True)
+    ]
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache_b"))  # empty: nothing converted there
+    after = [
+        ids.numpy().tolist()
+        for _, _, ids in pipeline.make_dataset(
+            config, "train", training=False, metadata=metadata, with_ids=True
+        )
+    ]
+    assert after == before and (tmp_path / "cache_b" / "tfrecords").is_dir()
+    # Without a manifest there is nothing to convert from: the error names the folder.
+    lost = ExperimentConfig(data=DataConfig(tfrecord_dir=str(tmp_path / "gone"), num_shards=1))
+    with pytest.raises(FileNotFoundError, match=r"missing from .*gone.*data.manifest is empty"):
+        pipeline.make_dataset(lost, "train", training=False, metadata=metadata)

@@ -14,7 +14,7 @@ import tensorflow as tf
 from multimodal_tf import targets as targets_lib
 from multimodal_tf.config import ExperimentConfig
 from multimodal_tf.data import features
-from multimodal_tf.data.cache import default_tfrecord_dir
+from multimodal_tf.data.cache import default_tfrecord_dir, prepare_data
 from multimodal_tf.data.metadata import DatasetMetadata
 from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.data.text import clean_texts
@@ -79,6 +79,26 @@ def cache_features(dataset: tf.data.Dataset, budget_mb: int, num_examples: int, 
 
 
 # Over 60 lines only through its docstring (13 lines) and one argument per line.
+def _converted_dir(config: ExperimentConfig, metadata: DatasetMetadata, directory: Path) -> Path:
+    """``directory`` once it holds ``metadata``'s shards: converting the manifest again if it does not."""
+    shards = [name for names in metadata.shards.values() for name in names]
+    if all((directory / name).exists() for name in shards):
+        return directory
+    if not config.data.manifest:
+        raise FileNotFoundError(
+            f"TFRecords of this run are missing from {directory} and data.manifest is empty, "
+            "so they cannot be converted again; set data.tfrecord_dir or data.manifest"
+        )
+    converted = prepare_data(config.data, progress=False)
+    directory = Path(default_tfrecord_dir(config.data))
+    if converted.label_names != metadata.label_names:
+        raise ValueError(
+            f"{config.data.manifest} now converts to labels {converted.label_names}, "
+            f"the run was trained on {metadata.label_names}"
+        )
+    return directory
+
+
 def make_dataset(
     config: ExperimentConfig,
     split: str,
@@ -112,6 +132,11 @@ def make_dataset(
     """
     data = config.data
     directory = Path(default_tfrecord_dir(data))
+    if metadata is not None:
+        # A run's saved metadata, read from another working directory (the cache
+        # is relative) or after the cache was cleared: convert again rather than
+        # fail later inside the iterator with a bare NotFoundError.
+        directory = _converted_dir(config, metadata, directory)
     metadata = metadata or DatasetMetadata.load(directory)
     if split not in metadata.shards:
         raise ValueError(f"split {split!r} not in {directory}; have {sorted(metadata.shards)}")
