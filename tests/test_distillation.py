@@ -115,6 +115,8 @@ def teacher_run(synth_manifest, tmp_path_factory):
     return train(config, progress=False)
 
 
+# slow: trains a 2-member teacher and two students (~40 s); keeps the default run under 15 min
+@pytest.mark.slow
 def test_student_trains_from_the_cache_after_the_teacher_is_gone(teacher_run, synth_manifest, tmp_path):
     student = tmp_path / "student"
     args = [

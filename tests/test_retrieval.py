@@ -52,6 +52,8 @@ def indexed(synth_manifest, tmp_path_factory):
     return run, export, out / "models" / "m" / "2", synth_manifest
 
 
+# slow: a SavedModel save + reload (~13 s); keeps the default run under 15 min
+@pytest.mark.slow
 def test_untrained_export_embeds_and_searches_like_numpy(tmp_path):
     """The default-run check (no training): embed signatures and search vs the in-memory model and NumPy."""
     from multimodal_tf.compat import keras  # noqa: PLC0415
