@@ -18,13 +18,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from multimodal_tf.modality_config import MODALITIES, AudioConfig, ImageConfig, TextConfig  # noqa: F401
+from multimodal_tf.objective_config import (  # noqa: F401  (part of this module's API)
+    EXTRA_TARGET_TYPES,
+    MULTICLASS,
+    MULTILABEL,
+    REGRESSION,
+    TARGET_TYPES,
+    AlignmentConfig,
+    DistillConfig,
+    TargetConfig,
+    check_targets,
+)
 from multimodal_tf.registry import ENCODERS, FUSIONS, Registry
 from multimodal_tf.typed_config import (  # noqa: F401  (ConfigError, from_dict, ... are part of this API)
     Checked,
@@ -41,12 +52,7 @@ from multimodal_tf.typed_config import (  # noqa: F401  (ConfigError, from_dict,
     to_dict,
 )
 
-MODALITIES = ("image", "text", "audio")
 HEAD_TYPES = ("multiclass", "binary", "multilabel")
-MULTICLASS, MULTILABEL, REGRESSION = "multiclass", "multilabel", "regression"
-TARGET_TYPES = (MULTICLASS, MULTILABEL, REGRESSION)
-EXTRA_TARGET_TYPES = (MULTILABEL, REGRESSION)  # the types of targets after the primary one
-TARGET_NAME = re.compile(r"[a-z][a-z0-9_]*")
 STRATEGIES = ("default", "mirrored", "multi_worker", "parameter_server", "tpu")
 
 
@@ -61,106 +67,6 @@ class ColumnsConfig(Checked):
     label: str = "label"
     label_name: str = "label_name"  # optional column; names classes when present
     split: str = "split"
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageConfig(Checked):
-    """Image preprocessing: decode, resize (keeping aspect) and scale to [0, 1]."""
-
-    height: int = option(32, minimum=1)
-    width: int = option(32, minimum=1)
-    channels: int = option(3, choices=(1, 3))
-    resize: str = option("pad", choices=("pad", "stretch"))  # "pad" keeps the aspect ratio
-    # Largest height x width decoded, read from the file header before
-    # decoding (in the serving graph too): a 76 KB PNG can declare
-    # 20000 x 20000 pixels and cost gigabytes to decode. 0 = no limit.
-    max_pixels: int = option(4096 * 4096, minimum=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig(Checked):
-    """Text preprocessing: normalise, tokenize, pad/truncate."""
-
-    max_tokens: int = option(16, minimum=1)
-    # "wordpiece": ids from the WordPiece vocabulary built at conversion.
-    # "ngrams": hashed words + character n-grams (fastText-style); generalises
-    # to unseen words of short texts (names, labels) where WordPiece cannot.
-    tokenizer: str = option("wordpiece", choices=("wordpiece", "ngrams"))
-    vocab_size: int = 2000  # wordpiece: target size for the vocabulary built at conversion
-    ngram_range: tuple[int, int] = (2, 4)  # ngrams: character n-gram lengths (inclusive)
-    hash_buckets: int = 20000  # ngrams: ids are 1..hash_buckets (0 = padding)
-    lower_case: bool = True
-    # "auto": a cell that names an existing *.txt file is read from it;
-    # "inline": the cell is the text; "path": the cell is always a file path.
-    source: str = option("auto", choices=("auto", "inline", "path"))
-
-
-@dataclasses.dataclass(frozen=True)
-class AudioConfig(Checked):
-    """Audio preprocessing: WAV -> mono -> fixed duration -> log-mel."""
-
-    sample_rate: int = 16000
-    duration_seconds: float = 1.0
-    frame_length: int = 400  # 25 ms at 16 kHz
-    frame_step: int = 160  # 10 ms at 16 kHz
-    fft_length: int = 512
-    num_mel_bins: int = 40
-    lower_edge_hertz: float = 20.0
-    upper_edge_hertz: float = 7600.0
-    # Conversion-time decoder/resampler of FLAC/OGG/MP3 and non-matching rates
-    # (data/audio_io.py): "soundfile" (libsndfile + soxr), "tfio"
-    # (tensorflow-io, TF <= 2.17 only) or "auto" (tfio where its ops load).
-    reader: str = option("auto", choices=("auto", "soundfile", "tfio"))
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetConfig(Checked):
-    """One thing the model predicts, from a manifest column (see multimodal_tf/targets.py)."""
-
-    name: str = ""  # output name: lower-case letters, digits and _
-    column: str = ""  # the manifest column
-    type: str = option(MULTICLASS, choices=TARGET_TYPES)
-    loss_weight: float = option(1.0, minimum=0.0)  # this target's loss is multiplied by it
-    separator: str = "|"  # multilabel: between the labels of a cell
-
-
-def check_targets(targets: tuple[TargetConfig, ...], label_column: str) -> None:
-    """Raises ConfigFieldError (naming ``targets[i].field``) for an inconsistent target list.
-
-    The first target is the primary one: multiclass on the label column, so
-    that class names, class weights, stratified validation and the Classify
-    API keep working as they do for the implicit single target. The others
-    are multilabel or regression targets on other columns.
-    """
-    if not targets:
-        return
-    names = [t.name for t in targets]
-    for i, target in enumerate(targets):
-        if not TARGET_NAME.fullmatch(target.name):
-            raise ConfigFieldError(
-                f"targets[{i}].name", f"use lower-case letters, digits and _, got {target.name!r}"
-            )
-        if not target.column:
-            raise ConfigFieldError(f"targets[{i}].column", "name the manifest column")
-    if len(set(names)) != len(names):
-        raise ConfigFieldError("targets", f"names must be distinct, got {names}")
-    first = targets[0]
-    if first.type != MULTICLASS or first.column != label_column:
-        raise ConfigFieldError(
-            "targets[0]",
-            f"the primary target must be multiclass on the label column {label_column!r} "
-            f"(data.columns.label), got {first.type} on {first.column!r}",
-        )
-    for i, target in enumerate(targets[1:], start=1):
-        if target.type not in EXTRA_TARGET_TYPES:
-            raise ConfigFieldError(
-                f"targets[{i}].type",
-                f"targets after the primary one are {list(EXTRA_TARGET_TYPES)}, got {target.type!r}",
-            )
-        if target.column == label_column:
-            raise ConfigFieldError(f"targets[{i}].column", f"{label_column!r} is the primary target's column")
-        if target.type == MULTILABEL and not target.separator:
-            raise ConfigFieldError(f"targets[{i}].separator", "a multilabel target needs a separator")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,44 +184,6 @@ class ModalityDropoutConfig(Checked):
 
 
 @dataclasses.dataclass(frozen=True)
-class AlignmentConfig(Checked):
-    """Contrastive alignment of modality embeddings (alignment.py); ``weight`` 0 = off.
-
-    Each pair's encoder outputs are projected to ``dim``, L2-normalised and
-    pulled together by a symmetric InfoNCE loss (CLIP), on the examples where
-    both modalities of the pair are present.
-    """
-
-    weight: float = option(0.0, minimum=0.0)  # of the alignment loss; 0 disables alignment
-    temperature: float = option(0.07, minimum=1e-4)  # softmax temperature of the similarities
-    pairs: tuple[tuple[str, ...], ...] = ()  # e.g. [[image, text], [audio, text]]
-    dim: int = option(64, minimum=1)  # size of the shared embedding space
-    # Weight of the classification loss next to the alignment loss; 0 trains
-    # the alignment alone (the head then stays at its initial weights).
-    classification_weight: float = option(1.0, minimum=0.0)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for i, pair in enumerate(self.pairs):
-            if len(pair) != 2 or len(set(pair)) != 2 or not set(pair) <= set(MODALITIES):
-                raise ConfigFieldError(
-                    f"pairs[{i}]",
-                    f"expected two different modalities from {list(MODALITIES)}, got {list(pair)}",
-                )
-        if self.weight > 0 and not self.pairs:
-            raise ConfigFieldError("pairs", "alignment.weight > 0 needs at least one pair")
-
-    @property
-    def enabled(self) -> bool:
-        return self.weight > 0 and bool(self.pairs)
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        """The aligned modalities, in MODALITIES order."""
-        return tuple(m for m in MODALITIES if any(m in pair for pair in self.pairs))
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelConfig(Checked):
     """The model: which modalities, their encoders, fusion and head."""
 
@@ -381,31 +249,6 @@ class TrainConfig(Checked):
     # (min NLL) scales the logits of the best weights; evaluation and every
     # export then return calibrated probabilities (calibration.py).
     calibration: str = option("none", choices=("none", "temperature"))
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillConfig(Checked):
-    """Knowledge distillation by ``mmtf distill`` (Hinton et al., 2015); ``mmtf train`` ignores it.
-
-    The student's loss is ``alpha * CE(y, p_s) + (1 - alpha) * T^2 *
-    KL(p_t^T || p_s^T)``, ``p^T`` being the softmax of the logits over T
-    (distillation.distillation_loss). The defaults are the reference
-    setting of Tian et al. 2020 (CRD) and Stanton et al. 2021 for KD:
-    T = 4 spreads a confident teacher's mass over the classes it ranks
-    close without flattening it, and most of the weight goes to the soft
-    term, as Hinton et al. found best ("a considerably lower weight on the
-    second", hard-label, objective).
-    """
-
-    temperature: float = 4.0
-    alpha: float = 0.1  # weight of the hard-label cross-entropy, in [0, 1]
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.temperature > 0:
-            raise ConfigFieldError("temperature", f"must be > 0, got {self.temperature!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigFieldError("alpha", f"must be in [0, 1], got {self.alpha!r}")
 
 
 @dataclasses.dataclass(frozen=True)
