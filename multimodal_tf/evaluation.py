@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from multimodal_tf import targets as targets_lib
+from multimodal_tf import target_report
 from multimodal_tf.calibration import (
     NUM_BINS,
     expected_calibration_error,
@@ -203,8 +203,8 @@ def evaluate(
     }
     if config.data.targets[1:]:
         dataset = make_dataset(config, split, training=False, metadata=metadata, with_targets=True)
-        outputs, labels_of = targets_lib.predict_targets(model, dataset)
-        report["targets"] = targets_lib.report_sections(config.data, metadata, outputs, labels_of)
+        outputs, labels_of = target_report.predict_targets(model, dataset)
+        report["targets"] = target_report.report_sections(config.data, metadata, outputs, labels_of)
     if (run_dir / CALIBRATION_FILE).exists():  # train.calibration: temperature
         report["calibration"] = json.loads((run_dir / CALIBRATION_FILE).read_text())
     if ablation:
@@ -273,7 +273,7 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
             f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
         )
     if report.get("targets"):
-        lines += targets_lib.to_markdown(report["targets"])
+        lines += target_report.to_markdown(report["targets"])
     if report.get("ablation"):
         lines += ["", "## Modality ablation", "", "| setting | accuracy |", "|---|---|"]
         lines += [f"| {r['setting']} | {r['accuracy']:.4f} |" for r in report["ablation"]]

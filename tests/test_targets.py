@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from tensorflow_serving.apis import classification_pb2, input_pb2, prediction_service_pb2_grpc, regression_pb2
 
 from multimodal_tf import config as config_lib
-from multimodal_tf import recipe
+from multimodal_tf import recipe, target_report
 from multimodal_tf import targets as targets_lib
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.data import convert as convert_lib
@@ -190,7 +190,7 @@ def test_multilabel_report_metrics_equal_scikit_learn():
     values = (rng.random((50, 4)) < 0.35).astype(np.float32)
     values[:, 3] = 0  # a label with no positive: no AP/AUC, left out of the averages
     probabilities = np.clip(values * 0.4 + rng.uniform(0, 0.6, values.shape), 0, 1)
-    m = targets_lib.multilabel_metrics(probabilities, values, ["a", "b", "c", "d"])
+    m = target_report.multilabel_metrics(probabilities, values, ["a", "b", "c", "d"])
     predicted = probabilities >= 0.5
     assert m["micro_f1"] == pytest.approx(skm.f1_score(values, predicted, average="micro", zero_division=0))
     assert m["macro_f1"] == pytest.approx(skm.f1_score(values, predicted, average="macro", zero_division=0))
@@ -202,7 +202,7 @@ def test_multilabel_report_metrics_equal_scikit_learn():
         )
     assert m["per_label"]["d"]["average_precision"] is None
     # The frequency baseline's AP of a label is that label's positive rate (its chance level).
-    baseline = targets_lib.frequency_baseline(np.array([0.3, 0.2, 0.5, 0.0]), values, ["a", "b", "c", "d"])
+    baseline = target_report.frequency_baseline(np.array([0.3, 0.2, 0.5, 0.0]), values, ["a", "b", "c", "d"])
     assert baseline["map"] == pytest.approx(values[:, :3].mean(axis=0).mean())
 
 
