@@ -73,7 +73,7 @@ def benchmark_dataset(
 ) -> list[dict]:
     from multimodal_tf.data.pipeline import make_dataset
     from multimodal_tf.optimize import artifacts
-    from multimodal_tf.optimize.evaluation import predict_split_with
+    from multimodal_tf.optimize.evaluation import predict_artifact_split
     from multimodal_tf.optimize.run import OptimizeOptions, optimize_run
     from multimodal_tf.run_dir import load_run
 
@@ -99,7 +99,7 @@ def benchmark_dataset(
     for label, path, source in entries:
         runner = artifacts.load_runner(path)
         source_config, source_metadata = load_run(source)
-        probabilities, labels, _ = predict_split_with(runner, source_config, source_metadata, "test")
+        probabilities, labels, _ = predict_artifact_split(runner, source_config, source_metadata, "test")
         latency, throughput = _timings(runner, features, repeats)
         if path.is_dir():
             parameters, nonzero = _parameters(path)

@@ -26,6 +26,19 @@ from multimodal_tf.run_dir import CALIBRATION_FILE, load_trained_model
 
 def predict_split(model, config, metadata, split: str, drop: tuple[str, ...] = ()):
     """(probabilities [N, K], labels [N], ids [N]) with modalities in ``drop`` removed."""
+    primary = config.data.targets[0].name if config.data.targets else None
+
+    def predict(x):
+        output = model(x, training=False)
+        if primary is not None:  # data.targets: the primary target's output
+            output = output[primary]
+        return output.numpy()
+
+    return predict_split_with(predict, config, metadata, split, drop)
+
+
+def predict_split_with(predict, config, metadata, split: str, drop: tuple[str, ...] = ()):
+    """``predict_split`` for any ``predict(feature dict of tensors) -> probabilities`` (a model, an artifact)."""
 
     def remove(x, y, ids):
         x = dict(x)
@@ -36,12 +49,8 @@ def predict_split(model, config, metadata, split: str, drop: tuple[str, ...] = (
 
     dataset = make_dataset(config, split, training=False, metadata=metadata, with_ids=True).map(remove)
     probabilities, labels, ids = [], [], []
-    primary = config.data.targets[0].name if config.data.targets else None
     for x, y, example_ids in dataset:
-        output = model(x, training=False)
-        if primary is not None:  # data.targets: the primary target's output
-            output = output[primary]
-        probabilities.append(output.numpy())
+        probabilities.append(predict(x))
         labels.append(y.numpy())
         ids.append(example_ids.numpy())
     probabilities = np.concatenate(probabilities)

@@ -11,26 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from multimodal_tf.data.pipeline import make_dataset
-from multimodal_tf.evaluation import _plots, classification_metrics, to_markdown
+from multimodal_tf.evaluation import _plots, classification_metrics, predict_split_with, to_markdown
 from multimodal_tf.optimize.artifacts import load_runner
 from multimodal_tf.run_dir import load_run
 
 
-def predict_split_with(runner, config, metadata, split: str):
-    """(probabilities [N, K], labels [N], ids [N]) of ``runner`` on ``split``'s features."""
-    dataset = make_dataset(config, split, training=False, metadata=metadata, with_ids=True)
-    probabilities, labels, ids = [], [], []
-    for x, y, example_ids in dataset:
-        probabilities.append(runner({name: value.numpy() for name, value in x.items()}))
-        labels.append(y.numpy())
-        ids.append(example_ids.numpy())
-    probabilities = np.concatenate(probabilities)
-    if probabilities.shape[-1] == 1:  # binary head: P(class 1)
-        probabilities = np.concatenate([1 - probabilities, probabilities], axis=-1)
-    return probabilities, np.concatenate(labels), np.concatenate(ids)
+def predict_artifact_split(runner, config, metadata, split: str):
+    """``evaluation.predict_split`` for an artifact runner, which takes NumPy feature dicts (TFLite, onnxruntime)."""
+    return predict_split_with(
+        lambda x: runner({name: value.numpy() for name, value in x.items()}), config, metadata, split
+    )
 
 
 def evaluate_artifact(run_dir: str | Path, artifact: str | Path, split: str = "test") -> dict:
@@ -44,7 +34,7 @@ def evaluate_artifact(run_dir: str | Path, artifact: str | Path, split: str = "t
     if split not in metadata.shards:
         raise ValueError(f"split {split!r} not in the dataset; have {sorted(metadata.shards)}")
     runner = load_runner(artifact)
-    probabilities, labels, _ = predict_split_with(runner, config, metadata, split)
+    probabilities, labels, _ = predict_artifact_split(runner, config, metadata, split)
     if artifact.name.isdigit():  # a SavedModel version: report beside its model folder, not inside
         name, folder = artifact.parent.name, artifact.parent.parent
     else:
