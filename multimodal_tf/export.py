@@ -10,6 +10,7 @@ uses, so serving cannot skew from training. Layout (TF Serving's)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -240,6 +241,22 @@ def write_warmup(path: Path, config, metadata, model_name: str, count: int = 8) 
     return written
 
 
+@contextlib.contextmanager
+def staged_version(model_dir: Path, version: int):
+    """A hidden temporary folder in ``model_dir``, renamed to ``model_dir/version`` when the block succeeds.
+
+    TF Serving ignores non-numeric folders, so a half-written version is
+    invisible to a polling server; on any error the folder is removed.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    try:
+        yield tmp
+        os.rename(tmp, Path(model_dir) / str(version))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def next_version(model_dir: Path) -> int:
     versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.exists() else []
     return max(versions, default=0) + 1
@@ -290,9 +307,7 @@ def export_run(
         from multimodal_tf.retrieval import EmbeddingModule  # noqa: PLC0415
 
         module.embedding = EmbeddingModule(model, preprocessor, config.model.alignment.modalities)
-    # TF Serving ignores non-numeric folders, so a half-written export is invisible.
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
-    try:
+    with staged_version(model_dir, version) as tmp:
         module.save(tmp)
         check_ops(tmp, target_serving)
         extra = tmp / ASSETS_EXTRA
@@ -301,8 +316,4 @@ def export_run(
         shutil.copy(Path(run_dir) / METADATA_FILE, extra / METADATA_FILE)
         (extra / "label_names.txt").write_text("\n".join(metadata.label_names) + "\n", encoding="utf-8")
         write_warmup(extra / WARMUP_FILE_NAME, config, metadata, model_name)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

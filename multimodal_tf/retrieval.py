@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -185,7 +183,7 @@ def build_index(
     Returns:
         The new version's directory (``BASE/NAME/<highest + 1>``).
     """
-    from multimodal_tf.export import check_ops, next_version, set_method_name  # noqa: PLC0415
+    from multimodal_tf.export import check_ops, next_version, set_method_name, staged_version  # noqa: PLC0415
 
     export_dir = Path(export_dir)
     config = config_lib.load([export_dir / ASSETS_EXTRA / "config.yaml"], strict=False)
@@ -208,9 +206,8 @@ def build_index(
     corpus = embed_raw(base.signatures[f"{EMBED_PREFIX}{modality}"], modality, raw, batch_size)
     module = SearchModule(base, corpus, ids, top_k, queries)
     model_dir = export_dir.parent
-    final = model_dir / str(next_version(model_dir))
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-index-", dir=model_dir))
-    try:
+    version = next_version(model_dir)
+    with staged_version(model_dir, version) as tmp:
         tf.saved_model.save(module, str(tmp), signatures=module.signatures())
         set_method_name(tmp, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
         check_ops(tmp)
@@ -218,11 +215,7 @@ def build_index(
         info = {"source": str(export_dir), "manifest": str(manifest), "modality": modality}
         info |= {"size": len(ids), "dim": int(corpus.shape[1]), "top_k": module.top_k, "queries": queries}
         (tmp / ASSETS_EXTRA / INDEX_FILE).write_text(json.dumps(info, indent=1))
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return model_dir / str(version)
 
 
 def ranks_of(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
