@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from multimodal_tf import distribute
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import AlignmentConfig
 from multimodal_tf.data.features import presence_name
@@ -41,22 +42,14 @@ def embedding_name(modality: str) -> str:
     return f"{modality}_embedding"
 
 
-def _gather(value: tf.Tensor) -> tf.Tensor:
-    """``value`` of every replica concatenated on axis 0 (itself outside a strategy)."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_gather(value, axis=0)
-
-
 def _replica_offset(local_size: tf.Tensor) -> tuple[tf.Tensor, int]:
     """(row of this replica's first example in the gathered batch, number of replicas)."""
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
+    replicas = distribute.num_replicas_in_step()
+    if replicas == 1:
         return tf.constant(0, tf.int32), 1
-    sizes = context.all_gather(tf.reshape(local_size, [1]), axis=0)  # [R]; the last batch can be uneven
-    replica = tf.cast(context.replica_id_in_sync_group, tf.int32)
-    return tf.reduce_sum(sizes[:replica]), context.num_replicas_in_sync
+    sizes = distribute.gather_replicas(tf.reshape(local_size, [1]))  # [R]; the last batch can be uneven
+    replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int32)
+    return tf.reduce_sum(sizes[:replica]), replicas
 
 
 def info_nce_pair(a: tf.Tensor, b: tf.Tensor, valid: tf.Tensor, temperature: float) -> tf.Tensor:
@@ -77,7 +70,7 @@ def info_nce_pair(a: tf.Tensor, b: tf.Tensor, valid: tf.Tensor, temperature: flo
         gradients) is the one-replica value.
     """
     a, b, valid = tf.cast(a, tf.float32), tf.cast(b, tf.float32), tf.cast(valid, tf.float32)
-    a_all, b_all, valid_all = _gather(a), _gather(b), _gather(valid)
+    a_all, b_all, valid_all = (distribute.gather_replicas(t) for t in (a, b, valid))
     offset, replicas = _replica_offset(tf.shape(a)[0])
     positives = offset + tf.range(tf.shape(a)[0])
     excluded = (1.0 - valid_all)[None, :] * _EXCLUDED

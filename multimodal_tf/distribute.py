@@ -147,6 +147,49 @@ def needs_repeated_input(strategy: tf.distribute.Strategy) -> bool:
     )
 
 
+def _step_context():
+    """The replica context of a synchronous multi-replica step, else None.
+
+    None outside a strategy, in cross-replica code and with one replica in
+    sync (the default strategy, a parameter-server worker), where a value is
+    already global.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def num_replicas_in_step() -> int:
+    """Replicas whose losses Keras sums into one gradient (1 outside a synchronous step)."""
+    context = _step_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def gather_replicas(value: tf.Tensor) -> tf.Tensor:
+    """``value`` of every replica concatenated on axis 0 (itself outside a synchronous step).
+
+    ``ReplicaContext.all_gather`` is differentiable, and across workers
+    (MultiWorkerMirroredStrategy) it orders the rows by
+    ``replica_id_in_sync_group`` as within one worker.
+    """
+    context = _step_context()
+    return value if context is None else context.all_gather(value, axis=0)
+
+
+def sum_replicas(value: tf.Tensor) -> tf.Tensor:
+    """``value`` summed over the replicas of a synchronous step (itself outside one).
+
+    For global counts (labelled examples, valid pairs) that per-replica
+    losses divide by; the sum is not differentiated through (stop_gradient),
+    counts have no gradient.
+    """
+    context = _step_context()
+    if context is None:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(value))
+
+
 def weights_checksum(weights: list[np.ndarray]) -> str:
     """SHA-256 of a model's weight values (equal weights give equal sums)."""
     digest = hashlib.sha256()

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from multimodal_tf import distribute
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import EXTRA_TARGET_TYPES as EXTRA_TYPES
 from multimodal_tf.config import MULTICLASS, MULTILABEL, REGRESSION
@@ -230,16 +231,22 @@ def _split(y_true: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def masked_mean(per_example: tf.Tensor, present: tf.Tensor) -> tf.Tensor:
-    """Per-example values rescaled so that their batch mean is the mean over present examples.
+    """Per-example values rescaled so that Keras's reduction gives the mean over present examples.
 
-    Keras averages a loss over the whole batch; multiplying by
-    ``present * B / n_present`` makes that average the present examples'
-    mean (0 when none is present). Under a distribution strategy each
-    replica averages its own present examples.
+    Keras averages a loss over the replica's batch ``B`` and, under ``R``
+    synchronous replicas, divides it by ``R`` before the gradients are
+    summed. Multiplying by ``present * B * R / N``, with ``N`` the present
+    examples of the *global* batch (summed over the replicas), makes the
+    summed gradient that of the global batch's masked mean: with one device
+    that is the batch's masked mean, and replicas holding different numbers
+    of labels still weigh each labelled example equally (a per-replica
+    ``N`` would weigh a replica's few labels as much as another's many).
+    0 when no example of the global batch is present.
     """
     batch = tf.cast(tf.shape(present)[0], tf.float32)
-    count = tf.reduce_sum(present)
-    return per_example * present * tf.math.divide_no_nan(batch, count)
+    count = distribute.sum_replicas(tf.reduce_sum(present))
+    scale = batch * float(distribute.num_replicas_in_step())
+    return per_example * present * tf.math.divide_no_nan(scale, count)
 
 
 @keras.utils.register_keras_serializable(package="multimodal_tf")

@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 from tensorflow_serving.apis import classification_pb2, input_pb2, prediction_service_pb2_grpc, regression_pb2
 
 from multimodal_tf import config as config_lib
-from multimodal_tf import recipe, target_report
+from multimodal_tf import distribute, recipe, target_report
 from multimodal_tf import targets as targets_lib
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.data import convert as convert_lib
@@ -163,6 +163,95 @@ def test_masked_losses_equal_a_numpy_mean_over_present_examples():
     none = packed_r.copy()
     none[:, -1] = 0
     assert float(targets_lib.MaskedLoss("regression")(tf.constant(none), tf.constant(scores))) == 0.0
+
+
+_KINDS = {"tags": "multilabel", "score": "regression"}
+
+
+def _uneven_labels(rng):
+    """8 examples whose halves (the 2 replicas' shares) hold different numbers of labels.
+
+    tags: 1 label in rows 0-3, 4 in rows 4-7; score: 3 in rows 0-3, 1 in rows 4-7.
+    """
+    tags = (rng.random((8, 3)) < 0.5).astype(np.float32)
+    tags_present = np.array([0, 1, 0, 0, 1, 1, 1, 1], np.float32)
+    scores = rng.normal(size=(8, 1)).astype(np.float32)
+    scores_present = np.array([1, 1, 0, 1, 0, 0, 1, 0], np.float32)
+    return {
+        "tags": np.concatenate([tags * tags_present[:, None], tags_present[:, None]], axis=1),
+        "score": np.concatenate([scores * scores_present[:, None], scores_present[:, None]], axis=1),
+    }
+
+
+def _numpy_masked_losses(x, y, weights, rows):
+    """(tags BCE, score squared error) averaged over the present examples among ``rows``.
+
+    ``weights``: output name -> (kernel, bias).
+    """
+    (kernel_t, bias_t), (kernel_s, bias_s) = weights["tags"], weights["score"]
+    tags = 1 / (1 + np.exp(-(x[rows] @ kernel_t + bias_t)))
+    score = x[rows] @ kernel_s + bias_s
+    present_t, present_s = y["tags"][rows, -1] > 0, y["score"][rows, -1] > 0
+    bce = _bce(y["tags"][rows, :-1], tags).mean(axis=1)[present_t].mean()
+    squared = ((y["score"][rows, :-1] - score) ** 2).mean(axis=1)[present_s].mean()
+    return bce, squared
+
+
+def test_two_replicas_give_the_one_device_masked_loss_and_gradients():
+    # Replicas holding different numbers of labels must weigh each labelled
+    # example as one device does: the per-replica mean (each replica's
+    # labels averaged on their own, then the replicas averaged) gives more
+    # weight to the replica with fewer labels and fails this test.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    y = _uneven_labels(rng)
+    # Fixed weights, not the initializers': the test does not depend on the seed state.
+    dense = {"tags": (rng.normal(size=(5, 3)), rng.normal(size=3)), "score": (rng.normal(size=(5, 1)), [0.5])}
+    dense = {name: [np.asarray(w, np.float32) for w in pair] for name, pair in dense.items()}
+    strategies = {
+        "default": tf.distribute.get_strategy(),
+        "mirrored": distribute.make_strategy(tiny_config("train.strategy=mirrored").train),
+    }
+    assert strategies["mirrored"].num_replicas_in_sync == 2
+    results = {}
+    for name, strategy in strategies.items():
+        with strategy.scope():
+            inputs = keras.Input((5,), name="x")
+            outputs = {
+                "tags": keras.layers.Dense(3, activation="sigmoid", name="tags")(inputs),
+                "score": keras.layers.Dense(1, name="score")(inputs),
+            }
+            model = keras.Model(inputs, outputs)
+            model.compile(
+                optimizer=keras.optimizers.SGD(1.0),  # weights after one step = before - gradient
+                loss={t: targets_lib.MaskedLoss(k, name=f"{t}_loss") for t, k in _KINDS.items()},
+            )
+        for layer in _KINDS:
+            model.get_layer(layer).set_weights(dense[layer])
+        logs = model.train_on_batch(x, y, return_dict=True)
+        gradients = [
+            before - after
+            for layer in _KINDS
+            for before, after in zip(dense[layer], model.get_layer(layer).get_weights(), strict=True)
+        ]
+        results[name] = (logs, gradients)
+
+    bce, squared = _numpy_masked_losses(x, y, dense, slice(None))
+    default_logs, mirrored_logs = results["default"][0], results["mirrored"][0]
+    assert default_logs["tags_loss"] == pytest.approx(bce, rel=1e-5)
+    assert default_logs["score_loss"] == pytest.approx(squared, rel=1e-5)
+    # float32 sums of <= 8 terms in another order (two halves, then the
+    # cross-replica sum) differ from one device by a few ulps: 1e-5 relative.
+    for key in ("loss", "tags_loss", "score_loss"):
+        assert mirrored_logs[key] == pytest.approx(default_logs[key], rel=1e-5), key
+    # Gradients are read as weights before - after an SGD(1.0) step: weights
+    # of size ~1 carry float32 rounding of ~1e-7, hence atol 1e-6.
+    for got, expected in zip(results["mirrored"][1], results["default"][1], strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # The data tells the two means apart: the per-replica one is off by > 10 %.
+    halves = [_numpy_masked_losses(x, y, dense, rows) for rows in (slice(0, 4), slice(4, 8))]
+    per_replica = np.mean(halves, axis=0)
+    assert abs(per_replica[0] - bce) > 0.1 * bce and abs(per_replica[1] - squared) > 0.1 * squared
 
 
 def test_masked_keras_metrics_equal_scikit_learn_on_present_examples():
