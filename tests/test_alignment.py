@@ -1,13 +1,18 @@
 """Contrastive alignment: the loss against NumPy, masking, replicas, the model hook."""
 
+import json
+import sys
+
 import numpy as np
 import pytest
 
 from multimodal_tf import config as config_lib
+from multimodal_tf import launch
 from multimodal_tf.alignment import ContrastiveAlignment, embedding_model, info_nce_pair
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.models import build_model
 from multimodal_tf.testing import assert_config_round_trip, random_features, tiny_config
+from tests import alignment_worker
 
 ALIGNED = (
     "model.modalities=[image,text,audio]",
@@ -17,12 +22,13 @@ ALIGNED = (
 )
 
 
-def numpy_info_nce(a, b, valid, temperature):
-    """Symmetric CLIP loss over the rows where ``valid``, written out with NumPy."""
+def numpy_info_nce_rows(a, b, valid, temperature):
+    """Per row: (CE(a_i -> b) + CE(b_i -> a)) / 2 over the valid rows, 0 for an invalid row (NumPy)."""
     keep = valid > 0
+    out = np.zeros(len(valid))
     a, b = a[keep].astype(np.float64), b[keep].astype(np.float64)
     if len(a) == 0:
-        return 0.0
+        return out
     logits = a @ b.T / temperature
 
     def cross_entropy(rows):  # positives on the diagonal
@@ -30,7 +36,14 @@ def numpy_info_nce(a, b, valid, temperature):
         log_softmax = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
         return -np.diag(log_softmax)
 
-    return float(np.mean((cross_entropy(logits) + cross_entropy(logits.T)) / 2))
+    out[keep] = (cross_entropy(logits) + cross_entropy(logits.T)) / 2
+    return out
+
+
+def numpy_info_nce(a, b, valid, temperature):
+    """Symmetric CLIP loss over the rows where ``valid``, written out with NumPy."""
+    keep = valid > 0
+    return float(numpy_info_nce_rows(a, b, valid, temperature)[keep].mean()) if keep.any() else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +149,45 @@ def test_fit_under_mirrored_strategy_reports_the_one_replica_loss(mirrored):
             model.compile(loss="sparse_categorical_crossentropy", loss_weights=[0.0])
         losses.append(model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)["loss"])
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_worker_processes_gather_negatives_across_workers_and_end_with_identical_weights(tmp_path):
+    """MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1 (tests/alignment_worker.py)."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "tests.alignment_worker", str(out)]
+    code = launch.launch(command, workers=2, log_dir=tmp_path / "logs", timeout=240, echo_chief=False)
+    assert code == 0, (tmp_path / "logs" / "worker-0.log").read_text()[-3000:]
+    summaries = [json.loads((out / f"worker-{i}.json").read_text()) for i in (0, 1)]
+
+    # The NumPy reference over the GLOBAL batch (both workers' rows), from
+    # the initial weights with one device.
+    config = tiny_config(*alignment_worker.OVERRIDES)
+    features, _ = alignment_worker.global_batch(config)
+    model = build_model(config, alignment_worker.NUM_CLASSES, alignment_worker.VOCAB_SIZE)
+    with np.load(out / "initial.npz") as saved:
+        model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
+    emb = {m: embedding_model(model, m)(features[m]).numpy() for m in ("audio", "text")}
+    valid = features["audio_present"] * features["text_present"]
+    temperature = config.model.alignment.temperature
+    rows = numpy_info_nce_rows(emb["audio"], emb["text"], valid, temperature)
+    expected = rows.sum() / valid.sum()
+    for worker, summary in enumerate(summaries):
+        assert summary["num_replicas_in_sync"] == 2
+        assert summary["initial_sha256"] == summaries[0]["initial_sha256"]
+        # (a) A worker's share: its own rows against the negatives of BOTH
+        # workers, 2 x (their sum) / (global valid pairs); Keras reports the
+        # mean of the shares, the global InfoNCE. float32 encoders against a
+        # float64 reference: 1e-4 relative, as for one device above.
+        mine = alignment_worker.worker_rows(worker, 2)
+        np.testing.assert_allclose(summary["share"], [2 * rows[mine].sum() / valid.sum()], rtol=1e-4)
+        np.testing.assert_allclose(summary["first_step_alignment_loss"], expected, rtol=1e-4)
+        np.testing.assert_allclose(summary["first_step_loss"], expected, rtol=1e-4)
+        # Without the cross-worker gather a worker would report its half's own InfoNCE.
+        local = numpy_info_nce(emb["audio"][mine], emb["text"][mine], valid[mine], temperature)
+        assert abs(local - summary["share"][0]) > 0.05 * local
+    # (b) Both workers applied the same summed gradients.
+    assert summaries[0]["final_sha256"] == summaries[1]["final_sha256"] != summaries[0]["initial_sha256"]
 
 
 @pytest.mark.parametrize(
