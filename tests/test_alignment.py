@@ -153,18 +153,27 @@ def test_fit_under_mirrored_strategy_reports_the_one_replica_loss(mirrored):
 
 @pytest.mark.slow
 def test_two_worker_processes_gather_negatives_across_workers_and_end_with_identical_weights(tmp_path):
-    """MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1 (tests/alignment_worker.py)."""
+    """MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1 (tests/alignment_worker.py).
+
+    The alignment loss and a masked regression loss (uneven labels per
+    worker) equal their one-device values on the global batch.
+    """
     out = tmp_path / "out"
     command = [sys.executable, "-m", "tests.alignment_worker", str(out)]
     code = launch.launch(command, workers=2, log_dir=tmp_path / "logs", timeout=240, echo_chief=False)
     assert code == 0, (tmp_path / "logs" / "worker-0.log").read_text()[-3000:]
     summaries = [json.loads((out / f"worker-{i}.json").read_text()) for i in (0, 1)]
 
-    # The NumPy reference over the GLOBAL batch (both workers' rows), from
+    # The NumPy references over the GLOBAL batch (both workers' rows), from
     # the initial weights with one device.
     config = tiny_config(*alignment_worker.OVERRIDES)
-    features, _ = alignment_worker.global_batch(config)
-    model = build_model(config, alignment_worker.NUM_CLASSES, alignment_worker.VOCAB_SIZE)
+    features, labels = alignment_worker.global_batch(config)
+    model = build_model(
+        config,
+        alignment_worker.NUM_CLASSES,
+        alignment_worker.VOCAB_SIZE,
+        target_sizes=alignment_worker.TARGET_SIZES,
+    )
     with np.load(out / "initial.npz") as saved:
         model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
     emb = {m: embedding_model(model, m)(features[m]).numpy() for m in ("audio", "text")}
@@ -172,6 +181,14 @@ def test_two_worker_processes_gather_negatives_across_workers_and_end_with_ident
     temperature = config.model.alignment.temperature
     rows = numpy_info_nce_rows(emb["audio"], emb["text"], valid, temperature)
     expected = rows.sum() / valid.sum()
+    # The regression target: squared error over the rows with a score (3 on
+    # worker 0, 1 on worker 1), one mean over the global batch.
+    squared = (model(features)["score"].numpy()[:, 0] - labels["score"][:, 0]) ** 2
+    present = labels["score"][:, 1] > 0
+    expected_score = squared[present].mean()
+    halves = [alignment_worker.worker_rows(worker, 2) for worker in (0, 1)]
+    per_worker_score = np.mean([squared[rows_][present[rows_]].mean() for rows_ in halves])
+    assert abs(per_worker_score - expected_score) > 0.1 * expected_score  # the data tells them apart
     for worker, summary in enumerate(summaries):
         assert summary["num_replicas_in_sync"] == 2
         assert summary["initial_sha256"] == summaries[0]["initial_sha256"]
@@ -179,10 +196,12 @@ def test_two_worker_processes_gather_negatives_across_workers_and_end_with_ident
         # workers, 2 x (their sum) / (global valid pairs); Keras reports the
         # mean of the shares, the global InfoNCE. float32 encoders against a
         # float64 reference: 1e-4 relative, as for one device above.
-        mine = alignment_worker.worker_rows(worker, 2)
+        mine = halves[worker]
         np.testing.assert_allclose(summary["share"], [2 * rows[mine].sum() / valid.sum()], rtol=1e-4)
         np.testing.assert_allclose(summary["first_step_alignment_loss"], expected, rtol=1e-4)
-        np.testing.assert_allclose(summary["first_step_loss"], expected, rtol=1e-4)
+        np.testing.assert_allclose(summary["first_step_score_loss"], expected_score, rtol=1e-4)
+        # The category target weighs 0: the loss is alignment + score.
+        np.testing.assert_allclose(summary["first_step_loss"], expected + expected_score, rtol=1e-4)
         # Without the cross-worker gather a worker would report its half's own InfoNCE.
         local = numpy_info_nce(emb["audio"][mine], emb["text"][mine], valid[mine], temperature)
         assert abs(local - summary["share"][0]) > 0.05 * local
