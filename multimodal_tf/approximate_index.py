@@ -141,7 +141,10 @@ class ApproximateIndex:
     def __init__(self, version_dir: str | Path):
         faiss = _faiss()
         extra = Path(version_dir) / ASSETS_EXTRA
-        paths = {name: extra / name for name in (APPROXIMATE_INFO_FILE, APPROXIMATE_INDEX_FILE, APPROXIMATE_IDS_FILE)}
+        paths = {
+            name: extra / name
+            for name in (APPROXIMATE_INFO_FILE, APPROXIMATE_INDEX_FILE, APPROXIMATE_IDS_FILE)
+        }
         for path in paths.values():
             if not path.is_file():
                 raise FileNotFoundError(f"approximate index file missing: {path}")
@@ -163,14 +166,18 @@ class ApproximateIndex:
     def _check(self, paths: dict) -> None:
         where = paths[APPROXIMATE_INFO_FILE]
         if self.kind not in KINDS or self.info.get("metric") != METRIC:
-            raise ValueError(f"{where}: kind {self.kind!r} / metric {self.info.get('metric')!r} not supported")
+            raise ValueError(
+                f"{where}: kind {self.kind!r} / metric {self.info.get('metric')!r} not supported"
+            )
         if self.index.d != self.dim or self.index.ntotal != self.count:
             raise ValueError(
                 f"{paths[APPROXIMATE_INDEX_FILE]} has {self.index.ntotal} vectors of dim {self.index.d}; "
                 f"{where} says {self.count} of dim {self.dim}"
             )
         if len(self.ids) - 1 != self.count:
-            raise ValueError(f"{paths[APPROXIMATE_IDS_FILE]} has {len(self.ids) - 1} ids for {self.count} vectors")
+            raise ValueError(
+                f"{paths[APPROXIMATE_IDS_FILE]} has {len(self.ids) - 1} ids for {self.count} vectors"
+            )
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids [B, k] bytes, scores [B, k] float32, indices [B, k] int32) of the k best per query.

@@ -25,7 +25,10 @@ import numpy as np
 from tensorflow.core.framework import tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from multimodal_tf.approximate_index import ApproximateIndex, is_approximate  # noqa: F401  (is_approximate: API)
+from multimodal_tf.approximate_index import (  # noqa: F401  (is_approximate: API)
+    ApproximateIndex,
+    is_approximate,
+)
 from multimodal_tf.serving import tensors
 from multimodal_tf.serving.errors import invalid_argument
 from multimodal_tf.signatures import (
@@ -44,7 +47,9 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 def _tensor_info(name: str, dtype: int, shape: list[int]) -> meta_graph_pb2.TensorInfo:
     dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=size) for size in shape]
     return meta_graph_pb2.TensorInfo(
-        name=f"approximate_search/{name}:0", dtype=dtype, tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims)
+        name=f"approximate_search/{name}:0",
+        dtype=dtype,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims),
     )
 
 
@@ -61,7 +66,9 @@ def signature_def(modality: str) -> meta_graph_pb2.SignatureDef:
 
 def _embedding_dim(signature_defs: Mapping[str, meta_graph_pb2.SignatureDef], name: str, where: Path) -> int:
     if name not in signature_defs or EMBEDDING not in signature_defs[name].outputs:
-        raise ValueError(f"{where}: the approximate index needs the SavedModel's `{name}` signature, which it lacks")
+        raise ValueError(
+            f"{where}: the approximate index needs the SavedModel's `{name}` signature, which it lacks"
+        )
     return (tensors.shape_of(signature_defs[name].outputs[EMBEDDING]) or [-1, -1])[-1]
 
 
@@ -71,7 +78,9 @@ def _search_function(index: ApproximateIndex, embed, modality: str) -> Callable[
     def search(**feeds) -> dict[str, np.ndarray]:
         k = int(feeds[SEARCH_K].numpy()) if SEARCH_K in feeds else default_k
         if not 1 <= k <= index.count:
-            raise invalid_argument(f"input '{SEARCH_K}': must be in [1, {index.count}] (the corpus size), got {k}")
+            raise invalid_argument(
+                f"input '{SEARCH_K}': must be in [1, {index.count}] (the corpus size), got {k}"
+            )
         queries = embed(**{modality: feeds[modality]})[EMBEDDING].numpy()
         ids, scores, indices = index.search(queries, k)
         return {SEARCH_IDS: ids, SEARCH_SCORES: scores, SEARCH_INDICES: indices}
@@ -80,7 +89,9 @@ def _search_function(index: ApproximateIndex, embed, modality: str) -> Callable[
 
 
 def load(
-    export_dir: Path, signature_defs: Mapping[str, meta_graph_pb2.SignatureDef], functions: Mapping[str, Callable]
+    export_dir: Path,
+    signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
+    functions: Mapping[str, Callable],
 ) -> dict[str, tuple[meta_graph_pb2.SignatureDef, Callable]]:
     """``{name: (SignatureDef, function)}`` of the approximate searches of a version.
 

@@ -17,11 +17,15 @@ import numpy as np
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from multimodal_tf.approximate_index import is_approximate
 from multimodal_tf.compat import tf
 from multimodal_tf.serving import tensors
 from multimodal_tf.serving.errors import Code, ServingError, from_tf_error, invalid_argument, not_found
-from multimodal_tf.approximate_index import is_approximate
-from multimodal_tf.signatures import DEFAULT_SIGNATURE, REGRESS_METHOD, SEARCH_K  # noqa: F401  (REGRESS_METHOD: API)
+from multimodal_tf.signatures import (  # noqa: F401  (REGRESS_METHOD: API)
+    DEFAULT_SIGNATURE,
+    REGRESS_METHOD,
+    SEARCH_K,
+)
 
 try:  # The tf-text ops our exports use; TF Serving links them in the same way.
     import tensorflow_text  # noqa: F401
