@@ -7,6 +7,9 @@
   model, with the corpus inside it and a ``search`` signature: exact top-k
   (a matmul and ``tf.math.top_k``) on the corpus variable. Every op is core
   TF, so TF Serving runs it (docs/retrieval.md gives the size limit).
+  With ``approximate``: the export's SavedModel plus a faiss index in
+  ``assets.extra`` (:mod:`multimodal_tf.approximate_index`), whose
+  ``search`` only the embedded server runs.
 * :func:`retrieval_metrics`: recall@k, median rank and mAP of a query set
   against a gallery where query i's one relevant item is gallery item i.
 """
@@ -22,6 +25,7 @@ import numpy as np
 
 from multimodal_tf import config as config_lib
 from multimodal_tf.alignment import embedding_model
+from multimodal_tf.approximate_index import IndexOptions
 from multimodal_tf.compat import tf
 from multimodal_tf.config import MODALITIES
 from multimodal_tf.data.manifest import read_manifest
@@ -169,7 +173,7 @@ def build_index(
     query_modality: str = "",
     top_k: int = 10,
     batch_size: int = 64,
-    approximate=None,
+    approximate: IndexOptions | None = None,
     target_serving: str | None = None,
 ) -> Path:
     """``mmtf index``: embeds the corpus and writes the next version with ``search``.
@@ -182,7 +186,7 @@ def build_index(
             with ``modality``. Every aligned modality also gets ``search_<m>``.
         top_k: results per query (an approximate ``search`` takes ``k`` per request; this is its default).
         batch_size: corpus embedding batch size.
-        approximate: an :class:`~multimodal_tf.approximate_index.IndexOptions`:
+        approximate: the faiss index's options:
             write a faiss index instead of the in-graph corpus (served by the
             embedded server only); None: exact search.
         target_serving: the TF Serving line the version must run on (see
@@ -239,7 +243,9 @@ def build_index(
     return model_dir / str(version)
 
 
-def _write_approximate(export_dir: Path, tmp: Path, corpus: np.ndarray, ids, options, info: dict) -> None:
+def _write_approximate(
+    export_dir: Path, tmp: Path, corpus: np.ndarray, ids, options: IndexOptions, info: dict
+) -> None:
     """The export's SavedModel unchanged (its ``embed_*`` embed the queries) plus a faiss index.
 
     The SavedModel files are copied, not re-saved: the version's graph is
