@@ -7,6 +7,9 @@
   model, with the corpus inside it and a ``search`` signature: exact top-k
   (a matmul and ``tf.math.top_k``) on the corpus variable. Every op is core
   TF, so TF Serving runs it (docs/retrieval.md gives the size limit).
+  With ``approximate``: the export's SavedModel plus a faiss index in
+  ``assets.extra`` (:mod:`multimodal_tf.approximate_index`), whose
+  ``search`` only the embedded server runs.
 * :func:`retrieval_metrics`: recall@k, median rank and mAP of a query set
   against a gallery where query i's one relevant item is gallery item i.
 """
@@ -22,9 +25,11 @@ import numpy as np
 
 from multimodal_tf import config as config_lib
 from multimodal_tf.alignment import embedding_model
+from multimodal_tf.approximate_index import IndexOptions
 from multimodal_tf.compat import tf
 from multimodal_tf.config import MODALITIES
 from multimodal_tf.data.manifest import read_manifest
+from multimodal_tf.serving_target import APPROXIMATE_SERVING_NOTE, ExportError
 from multimodal_tf.signatures import (
     ASSETS_EXTRA,
     CLASSIFY_METHOD,
@@ -168,6 +173,8 @@ def build_index(
     query_modality: str = "",
     top_k: int = 10,
     batch_size: int = 64,
+    approximate: IndexOptions | None = None,
+    target_serving: str | None = None,
 ) -> Path:
     """``mmtf index``: embeds the corpus and writes the next version with ``search``.
 
@@ -177,8 +184,14 @@ def build_index(
         modality: what the corpus is (``image``, ``text``, ``audio``).
         query_modality: ``search``'s input; default the first modality aligned
             with ``modality``. Every aligned modality also gets ``search_<m>``.
-        top_k: results per query.
+        top_k: results per query (an approximate ``search`` takes ``k`` per request; this is its default).
         batch_size: corpus embedding batch size.
+        approximate: the faiss index's options:
+            write a faiss index instead of the in-graph corpus (served by the
+            embedded server only); None: exact search.
+        target_serving: the TF Serving line the version must run on (see
+            :func:`check_ops`); None: the installed TF's. With ``approximate``
+            naming one is an error: TF Serving cannot run faiss.
 
     Returns:
         The new version's directory (``BASE/NAME/<highest + 1>``).
@@ -186,6 +199,13 @@ def build_index(
     from multimodal_tf.export import check_ops, next_version, set_method_name, staged_version  # noqa: PLC0415
 
     export_dir = Path(export_dir)
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    if approximate is not None and target_serving:
+        raise ExportError(
+            f"--approximate {approximate.kind} with --target-serving {target_serving}: "
+            f"{APPROXIMATE_SERVING_NOTE}; drop --target-serving (or --approximate for exact search)"
+        )
     config = config_lib.load([export_dir / ASSETS_EXTRA / "config.yaml"], strict=False)
     alignment = config.model.alignment
     partners = [m for pair in alignment.pairs if modality in pair for m in pair if m != modality]
@@ -203,19 +223,42 @@ def build_index(
         queries.sort(key=lambda m: (m not in partners, m == modality))
     ids, raw = read_corpus(manifest, modality, config.data)
     base = tf.saved_model.load(str(export_dir))
+    if approximate is not None and SEARCH_SIGNATURE in base.signatures:
+        raise ValueError(f"{export_dir} is already an indexed version (it has `search`); index its export")
     corpus = embed_raw(base.signatures[f"{EMBED_PREFIX}{modality}"], modality, raw, batch_size)
-    module = SearchModule(base, corpus, ids, top_k, queries)
+    info = {"source": str(export_dir), "manifest": str(manifest), "modality": modality}
+    info |= {"size": len(ids), "dim": int(corpus.shape[1]), "top_k": min(top_k, len(ids)), "queries": queries}
     model_dir = export_dir.parent
     version = next_version(model_dir)
     with staged_version(model_dir, version) as tmp:
-        tf.saved_model.save(module, str(tmp), signatures=module.signatures())
-        set_method_name(tmp, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
-        check_ops(tmp)
-        shutil.copytree(export_dir / ASSETS_EXTRA, tmp / ASSETS_EXTRA, dirs_exist_ok=True)
-        info = {"source": str(export_dir), "manifest": str(manifest), "modality": modality}
-        info |= {"size": len(ids), "dim": int(corpus.shape[1]), "top_k": module.top_k, "queries": queries}
+        if approximate is not None:
+            _write_approximate(export_dir, tmp, corpus, ids, approximate, info)
+        else:
+            module = SearchModule(base, corpus, ids, top_k, queries)
+            tf.saved_model.save(module, str(tmp), signatures=module.signatures())
+            set_method_name(tmp, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
+            check_ops(tmp, target_serving)
+            shutil.copytree(export_dir / ASSETS_EXTRA, tmp / ASSETS_EXTRA, dirs_exist_ok=True)
         (tmp / ASSETS_EXTRA / INDEX_FILE).write_text(json.dumps(info, indent=1))
     return model_dir / str(version)
+
+
+def _write_approximate(
+    export_dir: Path, tmp: Path, corpus: np.ndarray, ids, options: IndexOptions, info: dict
+) -> None:
+    """The export's SavedModel unchanged (its ``embed_*`` embed the queries) plus a faiss index.
+
+    The SavedModel files are copied, not re-saved: the version's graph is
+    the export's, byte for byte, so whatever ran the export runs this one.
+    The index goes to ``assets.extra/``, which the SavedModel loader (and
+    so TF Serving) ignores apart from the warmup file.
+    """
+    from multimodal_tf import approximate_index  # noqa: PLC0415
+
+    shutil.copytree(export_dir, tmp, dirs_exist_ok=True)
+    index, params = approximate_index.build(corpus, options)
+    keys = ("modality", "queries", "top_k", "source")
+    approximate_index.write(tmp / ASSETS_EXTRA, index, params, options.kind, ids, {k: info[k] for k in keys})
 
 
 def ranks_of(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from multimodal_tf.compat import tf
+from multimodal_tf.signatures import APPROXIMATE_INFO_FILE, ASSETS_EXTRA
 
 # The tensorflow-text each TF Serving release line embeds (FACTS.md, "TF
 # Serving images and their tf-text"): 2.17-2.19 ship 2.12.1, whose op set is
@@ -30,6 +31,14 @@ _OPS_DIR = Path(__file__).resolve().parent / "serving_ops"
 # serving/docker-compose.yml and serving/kubernetes.yaml name the default
 # lock's, and tests/test_serving_config.py keeps them in step.
 SERVING_IMAGES = {"2.17": "tensorflow/serving:2.17.1", "2.21": "tensorflow/serving:2.21.0"}
+
+
+# Why a version written by ``mmtf index --approximate`` is the embedded server's only.
+APPROXIMATE_SERVING_NOTE = (
+    "its `search` is a faiss index (assets.extra/approximate_index.*), and faiss has no TensorFlow op: "
+    "TF Serving would load the version but answer `search` with 'signature not found'; "
+    "serve it with the embedded server (`mmtf serve`)"
+)
 
 
 class ExportError(ValueError):
@@ -111,6 +120,9 @@ def graph_ops(saved_model_dir: str | Path) -> set[str]:
 def check_ops(saved_model_dir: str | Path, target: str | None = None) -> None:
     """Raises ExportError naming every op the target TF Serving would not have.
 
+    A version holding an approximate index (``mmtf index --approximate``)
+    fails outright: its ``search`` needs the embedded server.
+
     Args:
         saved_model_dir: the SavedModel to check.
         target: the TF Serving line (``"2.17"``, ``"2.21"``); None: the
@@ -118,6 +130,8 @@ def check_ops(saved_model_dir: str | Path, target: str | None = None) -> None:
     """
     target = target or default_target_serving()
     text_version, _ = target_text_ops(target)
+    if (Path(saved_model_dir) / ASSETS_EXTRA / APPROXIMATE_INFO_FILE).is_file():
+        raise ExportError(f"{saved_model_dir} cannot run on TF Serving {target}: {APPROXIMATE_SERVING_NOTE}")
     unknown = sorted(graph_ops(saved_model_dir) - allowed_ops(target))
     if unknown:
         raise ExportError(

@@ -46,3 +46,11 @@ WARMUP_PATH = PurePosixPath(ASSETS_EXTRA) / WARMUP_FILE_NAME
 EMBED_PREFIX, EMBEDDING = "embed_", "embedding"
 SEARCH_SIGNATURE, SEARCH_IDS, SEARCH_SCORES, SEARCH_INDICES = "search", "ids", "scores", "indices"
 INDEX_FILE = "index.json"  # in assets.extra of an indexed version: corpus size, modality, k
+
+# ``mmtf index --approximate``: a faiss index beside the SavedModel, in
+# assets.extra (which the SavedModel loader and TF Serving never read, apart
+# from the warmup file), served by the embedded server only.
+APPROXIMATE_INFO_FILE = "approximate_index.json"  # kind, params, count, dim, metric
+APPROXIMATE_INDEX_FILE = "approximate_index.faiss"  # faiss.write_index
+APPROXIMATE_IDS_FILE = "approximate_index_ids.json"  # the corpus ids, index order
+SEARCH_K = "k"  # optional scalar int32 input of an approximate ``search``

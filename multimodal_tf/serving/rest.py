@@ -321,7 +321,8 @@ class RestServer:
 
 def _predict(servable, run, spec: model_pb2.ModelSpec, document: dict) -> dict:
     signature = servable.signature(spec.signature_name)
-    inputs, layout = rest_json.predict_inputs(document, signature)
+    optional = servable.optional_inputs.get(spec.signature_name, ())
+    inputs, layout = rest_json.predict_inputs(document, signature, optional)
     outputs = inference.predict_arrays(servable, spec.signature_name, inputs, (), run)
     return rest_json.predict_response(outputs, layout)
 

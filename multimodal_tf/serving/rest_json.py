@@ -12,7 +12,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -117,30 +117,32 @@ def _is_named(value: Any) -> bool:
 
 
 def predict_inputs(
-    document: dict, signature: meta_graph_pb2.SignatureDef
+    document: dict, signature: meta_graph_pb2.SignatureDef, optional: Collection[str] = ()
 ) -> tuple[dict[str, np.ndarray], str]:
-    """A predict request body -> (numpy inputs, ROW or COLUMNAR)."""
+    """A predict request body -> (numpy inputs, ROW or COLUMNAR); ``optional`` inputs may be absent."""
     if ("instances" in document) == ("inputs" in document):
         raise invalid_argument(
             "Missing 'inputs' or 'instances' key"
             if "instances" not in document
             else "Only one of 'inputs' or 'instances' may be given"
         )
+    required = [name for name in signature.inputs if name not in optional]
     if "inputs" in document:
         value = document["inputs"]
         if not _is_named(value):
-            if len(signature.inputs) != 1:
+            if len(required) != 1:
                 raise invalid_argument(
                     f"'inputs' must be an object naming the inputs {sorted(signature.inputs)}"
                 )
-            value = {next(iter(signature.inputs)): value}
+            value = {required[0]: value}
         # Keys the signature does not name are ignored, as TF Serving does.
-        missing = sorted(set(signature.inputs) - set(value))
+        missing = sorted(set(signature.inputs) - set(value) - set(optional))
         if missing:
             raise invalid_argument(f"Missing named input: {missing[0]} in 'inputs' object.")
         return {
             name: to_array(value[name], _dtype_of(signature, name), f"inputs['{name}']")
             for name in signature.inputs
+            if name in value
         }, COLUMNAR
     instances = document["instances"]
     if not isinstance(instances, list):
@@ -148,11 +150,11 @@ def predict_inputs(
     if not instances:
         raise invalid_argument("'instances' is empty")
     if not _is_named(instances[0]):
-        if len(signature.inputs) != 1:
+        if len(required) != 1:
             raise invalid_argument(
                 f"each instance must be an object naming the inputs {sorted(signature.inputs)}"
             )
-        name = next(iter(signature.inputs))
+        name = required[0]
         return {name: to_array(instances, _dtype_of(signature, name), f"instances[*]['{name}']")}, ROW
     names = set(instances[0])
     for index, instance in enumerate(instances):

@@ -17,10 +17,15 @@ import numpy as np
 from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from multimodal_tf.approximate_index import is_approximate
 from multimodal_tf.compat import tf
 from multimodal_tf.serving import tensors
 from multimodal_tf.serving.errors import Code, ServingError, from_tf_error, invalid_argument, not_found
-from multimodal_tf.signatures import DEFAULT_SIGNATURE, REGRESS_METHOD  # noqa: F401  (REGRESS_METHOD: API)
+from multimodal_tf.signatures import (  # noqa: F401  (REGRESS_METHOD: API)
+    DEFAULT_SIGNATURE,
+    REGRESS_METHOD,
+    SEARCH_K,
+)
 
 try:  # The tf-text ops our exports use; TF Serving links them in the same way.
     import tensorflow_text  # noqa: F401
@@ -67,9 +72,24 @@ class Servable:
         self.signature_defs = read_signature_defs(self.export_dir)
         self._loaded = tf.saved_model.load(str(self.export_dir), tags=[SERVE_TAG])
         self._functions = dict(self._loaded.signatures)
+        # Inputs a request may leave out, per signature (only an approximate search's "k").
+        self.optional_inputs: dict[str, frozenset[str]] = {}
+        if is_approximate(self.export_dir):
+            self._add_approximate_search()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
+
+    def _add_approximate_search(self) -> None:
+        """``search`` signatures run in Python: the version's faiss index (``mmtf index --approximate``)."""
+        from multimodal_tf.serving import approximate_search  # noqa: PLC0415  (imports faiss)
+
+        for name, (signature, function) in approximate_search.load(
+            self.export_dir, self.signature_defs, self._functions
+        ).items():
+            self.signature_defs[name] = signature
+            self._functions[name] = function
+            self.optional_inputs[name] = frozenset({SEARCH_K})
 
     # === Reference counting (a version is unloaded only when idle) ===
 
@@ -121,7 +141,7 @@ class Servable:
         """Checks ``inputs`` against the signature and calls it; returns every output."""
         name = signature_name or DEFAULT_SIGNATURE
         signature = self.signature(name)
-        tensors.check_inputs(signature, inputs)
+        tensors.check_inputs(signature, inputs, self.optional_inputs.get(name, ()))
         function = self._functions.get(name)
         if function is None:
             raise not_found(f'Serving signature key "{name}" has no callable function')
@@ -136,7 +156,8 @@ class Servable:
         except (TypeError, ValueError) as e:
             # Signature binding rejected the feeds after our checks passed.
             raise invalid_argument(f"signature '{name}' rejected the inputs: {e}") from None
-        return {key: value.numpy() for key, value in outputs.items()}
+        # Graph signatures return tensors; an approximate search returns numpy already.
+        return {key: value.numpy() if hasattr(value, "numpy") else value for key, value in outputs.items()}
 
     def __repr__(self) -> str:
         return f"Servable({self.name!r}, version={self.version}, {self.export_dir})"

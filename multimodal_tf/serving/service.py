@@ -217,7 +217,9 @@ class InferenceService:
         return outputs
 
     def _run_batched(self, servable: Servable, signature: str, inputs: Mapping[str, np.ndarray], deadline):
-        tensors.check_inputs(servable.signature(signature), inputs)
+        tensors.check_inputs(
+            servable.signature(signature), inputs, servable.optional_inputs.get(signature, ())
+        )
         sizes = {value.shape[0] if value.ndim else None for value in inputs.values()}
         size = sizes.pop() if len(sizes) == 1 else None
         if not size:  # unbatchable (scalars, unequal or empty batches): runs alone

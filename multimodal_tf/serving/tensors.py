@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
@@ -174,10 +174,16 @@ def _shape_text(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def check_inputs(signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, np.ndarray]) -> None:
-    """Input names, dtypes and shapes must match the signature (as TF Serving requires)."""
+def check_inputs(
+    signature: meta_graph_pb2.SignatureDef, inputs: Mapping[str, np.ndarray], optional: Collection[str] = ()
+) -> None:
+    """Input names, dtypes and shapes must match the signature (as TF Serving requires).
+
+    ``optional`` inputs may be left out (an approximate ``search``'s ``k``;
+    graph signatures have none).
+    """
     expected = set(signature.inputs)
-    sent = set(inputs)
+    sent = set(inputs) | (set(optional) & expected)
     for name in sorted(sent - expected):
         raise invalid_argument(
             f"input tensor alias not found in signature: {name}. "
