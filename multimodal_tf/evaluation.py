@@ -9,6 +9,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from multimodal_tf import target_report
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.calibration import (
     NUM_BINS,
     expected_calibration_error,
@@ -160,8 +161,13 @@ def ensemble_members(model: EnsembleModel, config, metadata, split: str) -> list
     decoded and preprocessed once, not once per member.
     """
     names = [layer.name for layer in model.layers]
-    average = model.get_layer(UNCALIBRATED_NAME if UNCALIBRATED_NAME in names else OUTPUT_NAME)
-    stacked = keras.Model(model.inputs, tf.stack(average.input, axis=1))
+    if config.data.targets:  # the primary target's members (predict_split reads that output)
+        primary = config.data.targets[0].name
+        average = model.get_layer(targets_lib.average_name(primary))
+        stacked = keras.Model(model.inputs, {primary: tf.stack(average.input, axis=1)})
+    else:
+        average = model.get_layer(UNCALIBRATED_NAME if UNCALIBRATED_NAME in names else OUTPUT_NAME)
+        stacked = keras.Model(model.inputs, tf.stack(average.input, axis=1))
     probabilities, labels, _ = predict_split(stacked, config, metadata, split)
     rows = []
     for k, member in enumerate(model.members):
