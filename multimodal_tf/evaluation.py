@@ -275,6 +275,11 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
             f"Temperature scaling: T = {c['temperature']:.4f}, fitted on {c['split']} "
             f"(ECE there {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}).",
         ]
+        for name, t in list(c.get("targets", {}).items())[1:]:  # data.targets after the primary
+            lines.append(
+                f"Target `{name}`: T = {t['temperature']:.4f} on {t['examples']} labelled examples "
+                f"(NLL {t['before']['nll']:.4f} -> {t['after']['nll']:.4f})."
+            )
     lines += [
         "",
         "## Per class",

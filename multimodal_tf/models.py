@@ -208,7 +208,9 @@ class EnsembleModel(keras.Model):
     mean loss.
 
     Members are the nested ``keras.Model`` layers ``member_0``, ``member_1``,
-    ... (see :func:`build_model`).
+    ... (see :func:`build_model`). With ``data.targets`` every member has
+    every target's head and each output is the mean of the members' (layers
+    ``<target>_average``); each member's loss is then its masked losses.
     """
 
     @property

@@ -552,6 +552,7 @@ def test_a_calibrated_late_fusion_ensemble_with_targets_trains_and_exports(targe
     assert set(calibrated["targets"]) == {"category", "tags"}
     report = evaluate(run, ablation=False)
     assert set(report["targets"]) == {"tags", "score"} and "accuracy" in report["metrics"]
+    assert "Target `tags`: T = " in (run / "report.md").read_text()
     config, metadata, model = load_trained_model(run)
     assert model.get_layer("tags").temperature.numpy() == pytest.approx(
         calibrated["targets"]["tags"]["temperature"]
