@@ -233,6 +233,8 @@ def calibrate_model(model, config, metadata, split: str = "val") -> dict:
     """
     from multimodal_tf.data.pipeline import make_dataset  # noqa: PLC0415  (pipeline is heavy)
 
+    if config.data.targets:
+        return _calibrate_targets(model, config, metadata, split)
     layer = model.get_layer("probabilities")
     if not isinstance(layer, TemperatureScaling):
         raise ValueError("calibrate_model: the model has no TemperatureScaling output (train.calibration)")
@@ -254,6 +256,48 @@ def calibrate_model(model, config, metadata, split: str = "val") -> dict:
             "ece": expected_calibration_error(probabilities, labels),
         }
     return result
+
+
+def _calibrate_targets(model, config, metadata, split: str) -> dict:
+    """:func:`calibrate_model` with ``data.targets``: one temperature per calibrated target.
+
+    The primary (multiclass) target's temperature is fitted as a one-output
+    model's; each multilabel target gets one temperature for all its labels
+    (sigmoid NLL over every label), fitted on the examples whose label is
+    present only; regression targets are not calibrated. Returns the
+    primary's result (as :func:`calibrate_model`) plus ``targets``: per
+    calibrated target its temperature, examples and NLL before and after.
+    """
+    from multimodal_tf import targets as targets_lib  # noqa: PLC0415  (targets imports this module)
+    from multimodal_tf.data.pipeline import make_dataset  # noqa: PLC0415
+
+    layers = {t.name: model.get_layer(t.name) for t in config.data.targets if targets_lib.calibrated(t)}
+    scores_model = keras.Model(model.inputs, {name: layer.input for name, layer in layers.items()})
+    scores, labels = {name: [] for name in layers}, {name: [] for name in layers}
+    dataset = make_dataset(config, split, training=False, metadata=metadata, with_targets=True)
+    for x, y in dataset:
+        out = scores_model(x, training=False)
+        for name in layers:
+            scores[name].append(out[name].numpy())
+            labels[name].append(y[name].numpy())
+    result = {}
+    for name, layer in layers.items():
+        logits = logits_of(np.concatenate(scores[name]), layer.from_logits, layer.activation)
+        targets = np.concatenate(labels[name])
+        if layer.activation == "sigmoid":  # packed [values..., present]: present rows only
+            present = targets[:, -1] > 0
+            logits, targets = logits[present], targets[present, :-1]
+        temperature = fit_temperature(logits, targets, layer.activation) if len(logits) else 1.0
+        layer.temperature.assign(temperature)
+        result[name] = {"temperature": temperature, "examples": len(logits)}
+        for key, t in (("before", 1.0), ("after", temperature)):
+            nll = negative_log_likelihood(logits, targets, t, layer.activation) if len(logits) else 0.0
+            result[name][key] = {"nll": nll}
+            if layer.activation == "softmax":
+                probabilities = _report_probabilities(logits / t, layer.activation)
+                result[name][key]["ece"] = expected_calibration_error(probabilities, targets)
+    primary = targets_lib.primary(config.data).name
+    return {**result[primary], "split": split, "targets": result}
 
 
 def _report_probabilities(logits: np.ndarray, activation: str) -> np.ndarray:

@@ -274,15 +274,8 @@ class ExperimentConfig(Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.data.targets:  # what the extra heads do not (yet) combine with
-            if self.model.ensemble_size > 1:
-                raise ConfigFieldError("model.ensemble_size", "data.targets need a single model (1)")
-            if self.train.calibration != "none":
-                raise ConfigFieldError(
-                    "train.calibration", "temperature scaling of data.targets is not built"
-                )
-            if self.model.head.type != "multiclass":
-                raise ConfigFieldError("model.head.type", "with data.targets each target sets its own type")
+        if self.data.targets and self.model.head.type != "multiclass":
+            raise ConfigFieldError("model.head.type", "with data.targets each target sets its own type")
         for modality in self.model.modalities:
             try:
                 getattr(self.model, f"{modality}_encoder").check_data(self.data)

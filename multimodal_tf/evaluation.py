@@ -9,6 +9,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from multimodal_tf import target_report
+from multimodal_tf import targets as targets_lib
 from multimodal_tf.calibration import (
     NUM_BINS,
     expected_calibration_error,
@@ -160,8 +161,13 @@ def ensemble_members(model: EnsembleModel, config, metadata, split: str) -> list
     decoded and preprocessed once, not once per member.
     """
     names = [layer.name for layer in model.layers]
-    average = model.get_layer(UNCALIBRATED_NAME if UNCALIBRATED_NAME in names else OUTPUT_NAME)
-    stacked = keras.Model(model.inputs, tf.stack(average.input, axis=1))
+    if config.data.targets:  # the primary target's members (predict_split reads that output)
+        primary = config.data.targets[0].name
+        average = model.get_layer(targets_lib.average_name(primary))
+        stacked = keras.Model(model.inputs, {primary: tf.stack(average.input, axis=1)})
+    else:
+        average = model.get_layer(UNCALIBRATED_NAME if UNCALIBRATED_NAME in names else OUTPUT_NAME)
+        stacked = keras.Model(model.inputs, tf.stack(average.input, axis=1))
     probabilities, labels, _ = predict_split(stacked, config, metadata, split)
     rows = []
     for k, member in enumerate(model.members):
@@ -269,6 +275,11 @@ def to_markdown(report: dict, label_names: list[str]) -> str:
             f"Temperature scaling: T = {c['temperature']:.4f}, fitted on {c['split']} "
             f"(ECE there {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}).",
         ]
+        for name, t in list(c.get("targets", {}).items())[1:]:  # data.targets after the primary
+            lines.append(
+                f"Target `{name}`: T = {t['temperature']:.4f} on {t['examples']} labelled examples "
+                f"(NLL {t['before']['nll']:.4f} -> {t['after']['nll']:.4f})."
+            )
     lines += [
         "",
         "## Per class",

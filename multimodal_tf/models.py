@@ -17,7 +17,8 @@ from multimodal_tf.config import HEAD_TYPES, MODALITIES, EncoderConfig, Experime
 from multimodal_tf.data import features
 from multimodal_tf.encoders import build_encoder, load_encoder_checkpoint
 from multimodal_tf.fusion import build_fusion
-from multimodal_tf.registry import ENCODERS
+from multimodal_tf.fusion.late import PRIMARY_OUTPUT
+from multimodal_tf.registry import ENCODERS, FUSIONS
 
 OUTPUT_NAME = "probabilities"
 # The layer before a TemperatureScaling output (train.calibration: temperature).
@@ -149,28 +150,47 @@ def build_model(
     calibrated = config.train.calibration == "temperature"
     if size > 1 and config.model.alignment.enabled:
         raise ValueError("model.alignment needs model.ensemble_size 1 (members would each have a space)")
-    if config.data.targets:
-        return _build_classifier(
-            config, num_classes, vocab_size, seed, "multimodal_targets", target_sizes=target_sizes or {}
-        )
     if size == 1:
-        return _build_classifier(config, num_classes, vocab_size, seed, "multimodal_classifier", calibrated)
+        name = "multimodal_targets" if config.data.targets else "multimodal_classifier"
+        return _build_classifier(
+            config, num_classes, vocab_size, seed, name, calibrated, target_sizes=_sizes(config, target_sizes)
+        )
     # Each member draws its own initial weights from the seeded global
     # generator; modality dropout gets its own op seeds (one seed in two ops
     # would hide the same modalities in every member).
     members = [
         _build_classifier(
-            config, num_classes, vocab_size, None if seed is None else seed + 2 * k, f"member_{k}"
+            config,
+            num_classes,
+            vocab_size,
+            None if seed is None else seed + 2 * k,
+            f"member_{k}",
+            target_sizes=_sizes(config, target_sizes),
         )
         for k in range(size)
     ]
     inputs = _model_inputs(config)
+    predictions = [member(inputs) for member in members]
+    if config.data.targets:  # per target: the mean of probabilities (values for regression)
+        averages = {
+            name: keras.layers.Average(dtype="float32", name=targets_lib.average_name(name))(
+                [p[name] for p in predictions]
+            )
+            for name in predictions[0]
+        }
+        outputs = targets_lib.output_layers(config.data, averages, calibrated)
+        return EnsembleModel(inputs=inputs, outputs=outputs, name="multimodal_ensemble")
     average = keras.layers.Average(dtype="float32", name=UNCALIBRATED_NAME if calibrated else OUTPUT_NAME)
-    outputs = average([member(inputs) for member in members])
+    outputs = average(predictions)
     if calibrated:  # one temperature for the average, on its log-probabilities
         activation = output_units(config.model.head.type, num_classes)[1]
         outputs = TemperatureScaling(activation, from_logits=False, name=OUTPUT_NAME)(outputs)
     return EnsembleModel(inputs=inputs, outputs=outputs, name="multimodal_ensemble")
+
+
+def _sizes(config: ExperimentConfig, target_sizes: Mapping[str, int] | None) -> dict | None:
+    """The extra targets' output units with ``data.targets`` (else None: one output)."""
+    return dict(target_sizes or {}) if config.data.targets else None
 
 
 @keras.utils.register_keras_serializable(package="multimodal_tf")
@@ -188,7 +208,9 @@ class EnsembleModel(keras.Model):
     mean loss.
 
     Members are the nested ``keras.Model`` layers ``member_0``, ``member_1``,
-    ... (see :func:`build_model`).
+    ... (see :func:`build_model`). With ``data.targets`` every member has
+    every target's head and each output is the mean of the members' (layers
+    ``<target>_average``); each member's loss is then its masked losses.
     """
 
     @property
@@ -204,7 +226,8 @@ class EnsembleModel(keras.Model):
             if self.losses:  # regularisation terms, once
                 loss += tf.add_n(self.losses)
         self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
-        average = tf.add_n(predictions) / len(predictions)  # members output float32 (see OUTPUT_NAME)
+        # Members output float32 (see OUTPUT_NAME), one tensor or one per target.
+        average = tf.nest.map_structure(lambda *p: tf.add_n(p) / len(p), *predictions)
         return self.compute_metrics(x, y, average, sample_weight)
 
 
@@ -228,17 +251,28 @@ def _build_classifier(
     """One classifier (encoders, modality dropout, fusion, head) named ``name``.
 
     ``calibrated``: the output is a TemperatureScaling layer on the head's
-    logits (or on a probability-producing fusion's output).
+    logits (or on a probability-producing fusion's output); with targets,
+    each multiclass and multilabel target's output is.
     ``target_sizes``: given, one head per ``data.targets`` entry
-    (targets.build_heads) instead of the output layer.
+    (targets.build_heads) instead of the output layer; under decision-level
+    fusion, one per target and modality, combined by the fusion.
     """
     model_config = config.model
     modalities = check_modalities(model_config.modalities)
     num_outputs, activation = output_units(model_config.head.type, num_classes)
 
     # === Layers ===
+    extra = {}
+    if target_sizes is not None and FUSIONS.get(model_config.fusion.name).produces_probabilities:
+        # Decision-level fusion: each modality gets a head per target (fusion/late.py).
+        extra["extra_outputs"] = targets_lib.extra_outputs(config.data, target_sizes)
     fusion = build_fusion(
-        model_config.fusion, modalities, num_outputs=num_outputs, output_activation=activation, name="fusion"
+        model_config.fusion,
+        modalities,
+        num_outputs=num_outputs,
+        output_activation=activation,
+        name="fusion",
+        **extra,
     )
     encoders = {}
     kinds = features.input_kinds(model_config)
@@ -258,10 +292,6 @@ def _build_classifier(
     rates = {m: getattr(model_config.modality_dropout, m) for m in modalities}
     modality_dropout = ModalityDropout(rates, seed=seed, name="modality_dropout")
     head = []
-    if target_sizes is not None and fusion.produces_probabilities:
-        raise ValueError(
-            f"fusion {model_config.fusion.name!r} outputs probabilities: data.targets need a head"
-        )
     if not fusion.produces_probabilities:
         for i, units in enumerate(model_config.head.hidden_units):
             head.append(keras.layers.Dense(units, activation="relu", name=f"head_dense_{i}"))
@@ -277,7 +307,7 @@ def _build_classifier(
     else:
         output_name = UNCALIBRATED_NAME if calibrated else OUTPUT_NAME
         output_layer = keras.layers.Activation("linear", dtype="float32", name=output_name)
-    if calibrated:
+    if calibrated and target_sizes is None:  # with targets, each head has its own (targets.py)
         from_logits = not fusion.produces_probabilities
         head.append(output_layer)
         output_layer = TemperatureScaling(activation, from_logits=from_logits, name=OUTPUT_NAME)
@@ -289,8 +319,12 @@ def _build_classifier(
     x = fusion(embeddings, presence)
     for layer in head:
         x = layer(x)
-    if target_sizes is not None:
-        outputs = targets_lib.build_heads(config.data, x, num_classes, target_sizes)
+    if target_sizes is not None and fusion.produces_probabilities:
+        fused = {t.name: x[t.name] for t in targets_lib.extras(config.data)}
+        fused[targets_lib.primary(config.data).name] = x[PRIMARY_OUTPUT]
+        outputs = targets_lib.output_layers(config.data, fused, calibrated)
+    elif target_sizes is not None:
+        outputs = targets_lib.build_heads(config.data, x, num_classes, target_sizes, calibrated)
     else:
         outputs = output_layer(x)
     model = keras.Model(inputs=inputs, outputs=outputs, name=name)

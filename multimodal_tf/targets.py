@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from multimodal_tf import distribute
+from multimodal_tf.calibration import TemperatureScaling
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import EXTRA_TARGET_TYPES as EXTRA_TYPES
 from multimodal_tf.config import MULTICLASS, MULTILABEL, REGRESSION
@@ -205,22 +206,71 @@ def packed_labels(data, parsed: Mapping[str, tf.Tensor], label: tf.Tensor) -> di
 # === Heads, losses and metrics ===
 
 
+ACTIVATIONS = {MULTICLASS: "softmax", MULTILABEL: "sigmoid", REGRESSION: None}
+
+
+def uncalibrated_name(name: str) -> str:
+    """The layer before target ``name``'s TemperatureScaling output (train.calibration)."""
+    return f"{name}_uncalibrated"
+
+
+def average_name(name: str) -> str:
+    """An ensemble's layer averaging its members' target ``name`` outputs (models.build_model)."""
+    return f"{name}_average"
+
+
+def calibrated(target) -> bool:
+    """Whether ``train.calibration: temperature`` scales this target (not a regression value)."""
+    return ACTIVATIONS[target.type] is not None
+
+
 def build_heads(
-    data, x: tf.Tensor, num_classes: int, target_sizes: Mapping[str, int]
+    data, x: tf.Tensor, num_classes: int, target_sizes: Mapping[str, int], temperature: bool = False
 ) -> dict[str, tf.Tensor]:
     """One float32 output per target on the shared representation ``x``.
 
     Multiclass: softmax [B, K]; multilabel: sigmoid [B, L]; regression:
     linear [B, 1]. Each output (and its Dense layer) is named after its target.
+    ``temperature`` (train.calibration): a multiclass or multilabel head is
+    a Dense of logits named ``<target>_uncalibrated`` followed by its own
+    TemperatureScaling layer named after the target.
     """
-    activations = {MULTICLASS: "softmax", MULTILABEL: "sigmoid", REGRESSION: None}
     outputs = {}
     for target in data.targets:
         units = num_classes if target.type == MULTICLASS else target_sizes[target.name]
-        layer = keras.layers.Dense(
-            units, activation=activations[target.type], dtype="float32", name=target.name
-        )
-        outputs[target.name] = layer(x)
+        activation = ACTIVATIONS[target.type]
+        if temperature and calibrated(target):
+            logits = keras.layers.Dense(units, dtype="float32", name=uncalibrated_name(target.name))(x)
+            outputs[target.name] = TemperatureScaling(activation, name=target.name)(logits)
+        else:
+            layer = keras.layers.Dense(units, activation=activation, dtype="float32", name=target.name)
+            outputs[target.name] = layer(x)
+    return outputs
+
+
+def extra_outputs(data, target_sizes: Mapping[str, int]) -> dict[str, list]:
+    """``LateFusion``'s ``extra_outputs``: [units, activation] per extra target."""
+    return {t.name: [target_sizes[t.name], ACTIVATIONS[t.type] or "linear"] for t in extras(data)}
+
+
+def output_layers(data, combined: Mapping[str, tf.Tensor], temperature: bool = False) -> dict[str, tf.Tensor]:
+    """Named outputs on per-target probabilities (values) already combined: by a fusion or an ensemble.
+
+    ``temperature``: a multiclass or multilabel target's output is a
+    TemperatureScaling layer on the logits of those probabilities.
+    """
+    outputs = {}
+    for target in data.targets:
+        if temperature and calibrated(target):
+            scores = keras.layers.Activation("linear", dtype="float32", name=uncalibrated_name(target.name))(
+                combined[target.name]
+            )
+            outputs[target.name] = TemperatureScaling(
+                ACTIVATIONS[target.type], from_logits=False, name=target.name
+            )(scores)
+        else:
+            layer = keras.layers.Activation("linear", dtype="float32", name=target.name)
+            outputs[target.name] = layer(combined[target.name])
     return outputs
 
 

@@ -170,3 +170,49 @@ def test_beam_batch_prediction_equals_the_in_process_path(tmp_path):
     errors = {row[0]: row[-1] for row in local[1:]}
     assert len(errors) == 8 and "not a PNG" in errors.pop("bad") and not any(errors.values())
     assert serving_cli.prediction_header(True, None, 3)[-1] == "error"
+
+
+def test_beam_writes_the_local_converters_target_features_and_metadata(planted_manifest, tmp_path):
+    """Multilabel + regression targets with missing cells: same records and metadata.targets."""
+    from multimodal_tf.config import TargetConfig
+    from multimodal_tf.testing import with_target_columns
+
+    rows = list(csv.reader(open(planted_manifest, encoding="utf-8", errors="surrogateescape")))
+    # with_target_columns derives tags from int labels and reads UTF-8; next to the media it names.
+    without_bad_label = planted_manifest.with_name("planted_for_targets.csv")
+    with open(without_bad_label, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        csv.writer(f).writerows(r for r in rows if r[0] not in ("bad_label", "bad_utf8"))
+    manifest = with_target_columns(without_bad_label, tmp_path / "targets.csv")
+    rows = list(csv.DictReader(open(manifest, encoding="utf-8", errors="surrogateescape")))
+    assert any(not r["tags"] for r in rows) and any(not r["rating"] for r in rows)
+    for row in rows:  # a label only a skipped record has is not in the vocabulary
+        row["tags"] = "only_bad" if row["id"] == "bad_png" else row["tags"]
+    with open(manifest, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = DataConfig(
+        num_shards=2,
+        validation_fraction=0.2,
+        targets=(
+            TargetConfig(name="category", column="label"),
+            TargetConfig(name="tags", column="tags", type="multilabel"),
+            TargetConfig(name="score", column="rating", type="regression"),
+        ),
+    )
+    local = convert.convert(manifest, tmp_path / "local", config, on_error="skip", progress=False)
+    on_beam = beam_convert.convert_with_beam(
+        manifest, tmp_path / "beam", config, on_error="skip", beam_options=IN_PROCESS
+    )
+    assert on_beam.targets == local.targets
+    assert local.targets["tags"]["label_names"] == ["even", "mod3_0", "mod3_1", "mod3_2"]
+    assert local.targets["score"]["counts"]["train"]["missing"] > 0
+    assert on_beam.counts == local.counts and on_beam.vocabulary == local.vocabulary
+    for split in local.shards:
+        expected = _examples(tmp_path / "local", local.shards[split])
+        got = _examples(tmp_path / "beam", on_beam.shards[split])
+        assert sorted(got) == sorted(expected), split
+        for record_id, serialized in expected.items():
+            assert got[record_id] == serialized, (split, record_id)
+    parsed = tf.train.Example.FromString(next(iter(expected.values()))).features.feature
+    assert "target_tags" in parsed and "target_score_present" in parsed

@@ -17,6 +17,7 @@ from multimodal_tf import targets as targets_lib
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.data import convert as convert_lib
 from multimodal_tf.data.cache import default_tfrecord_dir, prepare_data
+from multimodal_tf.data.pipeline import make_dataset
 from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.evaluation import evaluate
 from multimodal_tf.export import export_run
@@ -67,11 +68,6 @@ def test_bad_target_lists_name_the_field(targets, message):
     with pytest.raises(config_lib.ConfigError, match=r"data\.targets") as info:
         config_lib.load((), [f"data.targets={targets}"])
     assert message in str(info.value)
-
-
-def test_targets_do_not_combine_with_an_ensemble():
-    with pytest.raises(config_lib.ConfigError, match="model.ensemble_size"):
-        config_lib.load((), [TARGET_OVERRIDE, "model.ensemble_size=2"])
 
 
 def test_malformed_cells_are_named_by_row_and_column(target_manifest, tmp_path):
@@ -476,3 +472,186 @@ def test_targets_train_jointly_with_the_alignment_loss(target_manifest):
     assert set(model.output) == {"category", "tags", "score"}
     assert np.isfinite(history["loss"]).all() and np.isfinite(history["val_tags_loss"]).all()
     assert any("align" in key for key in history), sorted(history)
+
+
+# --- Late fusion, ensembles and temperature calibration with targets ----------------------
+
+
+@pytest.mark.parametrize("combine", ["mean", "product"])
+def test_late_fusion_combines_each_target_as_numpy(combine):
+    from scipy import special
+
+    from multimodal_tf.fusion.late import PRIMARY_OUTPUT, LateFusion
+
+    modalities = ("image", "text")
+    layer = LateFusion(
+        modalities,
+        num_outputs=3,
+        hidden_dim=5,
+        combine=combine,
+        extra_outputs={"tags": [4, "sigmoid"], "score": [1, "linear"]},
+    )
+    rng = np.random.default_rng(0)
+    embeddings = {m: rng.normal(size=(6, 7)).astype(np.float32) for m in modalities}
+    # Both, image only, text only, none present, both, image only.
+    flags = {"image": np.float32([1, 1, 0, 0, 1, 1]), "text": np.float32([1, 0, 1, 0, 1, 0])}
+    layer(embeddings, flags)  # builds
+    layer.modality_logits.assign([0.7, -0.4])
+    out = {k: v.numpy().astype(np.float64) for k, v in layer(embeddings, flags, training=False).items()}
+
+    present = np.stack([flags[m] for m in modalities], 1).astype(np.float64)  # [B, M]
+    weights = np.exp([0.7, -0.4]) * present
+    weights = np.divide(weights, weights.sum(1, keepdims=True), out=np.zeros_like(weights), where=present > 0)
+
+    def per_modality(dense_of):  # [B, M, K] logits
+        rows = []
+        for m in modalities:
+            hidden_w, hidden_b = (w.numpy() for w in layer.hidden[m].weights)
+            w, b = (v.numpy() for v in dense_of(m).weights)
+            h = np.maximum((embeddings[m] * flags[m][:, None]) @ hidden_w + hidden_b, 0.0)
+            rows.append(h @ w + b)
+        return np.stack(rows, 1).astype(np.float64)
+
+    none = 1.0 - present.max(1, keepdims=True)
+    for name, activation, prior in (
+        (PRIMARY_OUTPUT, lambda z: special.softmax(z, -1), 1 / 3),
+        ("tags", special.expit, 0.5),
+        ("score", lambda z: z, 0.0),
+    ):
+        dense = (
+            (lambda m: layer.classifiers[m])
+            if name == PRIMARY_OUTPUT
+            else (lambda m, n=name: layer.extra_heads[f"{m}_{n}"])
+        )
+        logits = per_modality(dense)
+        if combine == "product" or name == "score":
+            expected = activation((logits * weights[:, :, None]).sum(1))
+        else:
+            expected = (activation(logits) * weights[:, :, None]).sum(1) + none * prior
+        np.testing.assert_allclose(out[name], expected, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(out["score"][3], 0.0)  # no modality: no evidence
+
+
+def _independent_temperature(logits, targets, activation) -> float:
+    """argmin_T NLL(activation(logits / T)), by scipy's bounded scalar minimiser over log T."""
+    from scipy import optimize, special
+
+    def nll(log_t):
+        z = logits / np.exp(log_t)
+        if activation == "softmax":
+            return np.mean(special.logsumexp(z, axis=1) - z[np.arange(len(z)), targets])
+        return np.mean(-targets * special.log_expit(z) - (1 - targets) * special.log_expit(-z))
+
+    found = optimize.minimize_scalar(
+        nll, bounds=(np.log(1e-2), np.log(1e2)), method="bounded", options={"xatol": 1e-9}
+    )
+    return float(np.exp(found.x))
+
+
+def _ensemble_config(target_manifest, *more):
+    return tiny_config(
+        f"data.manifest={target_manifest}",
+        TARGET_OVERRIDE,
+        "model.modalities=[image,text]",
+        "model.text_encoder.name=text/bow",
+        "model.fusion.name=late",
+        "model.ensemble_size=2",
+        "train.calibration=temperature",
+        *more,
+    )
+
+
+# Builds (no training) two two-member late-fusion ensembles and calls them: ~4 s idle.
+def test_an_ensemble_of_late_fusion_models_averages_each_target(target_manifest, tmp_path):
+    from multimodal_tf.models import EnsembleModel
+
+    config = _ensemble_config(target_manifest)
+    metadata = prepare_data(config.data, progress=False)
+    keras.utils.set_random_seed(0)
+    model = recipe.build_for(config, metadata)
+    assert isinstance(model, EnsembleModel) and len(model.members) == 2
+    model.get_layer("category").temperature.assign(2.0)  # as calibrate_model would
+    model.get_layer("tags").temperature.assign(0.5)
+    x, _ = next(iter(make_dataset(config, "val", training=False, metadata=metadata)))
+    out = {k: v.numpy().astype(np.float64) for k, v in model(x, training=False).items()}
+    members = [member(x, training=False) for member in model.members]
+    average = {n: np.mean([m[n].numpy() for m in members], axis=0).astype(np.float64) for n in out}
+    assert average["score"].shape == (len(average["score"]), 1)
+    np.testing.assert_allclose(out["score"], average["score"], atol=1e-6)  # regression: not scaled
+    expected = np.exp(np.log(average["category"]) / 2.0)
+    np.testing.assert_allclose(out["category"], expected / expected.sum(1, keepdims=True), atol=1e-5)
+    logit = np.log(average["tags"]) - np.log1p(-average["tags"])
+    np.testing.assert_allclose(out["tags"], 1 / (1 + np.exp(-logit / 0.5)), atol=1e-5)
+    # Every head's weights (and the temperatures) come back with load_weights.
+    model.save_weights(str(tmp_path / "weights"))
+    keras.utils.set_random_seed(1)
+    again = recipe.build_for(config, metadata)
+    again.load_weights(str(tmp_path / "weights"))
+    for name, value in again(x, training=False).items():
+        np.testing.assert_allclose(value.numpy(), out[name], atol=1e-6, err_msg=name)
+
+
+# One epoch of one text model (bag of words) and a pass over val: ~4 s idle.
+def test_temperature_per_target_equals_an_independent_fit_on_present_labels(target_manifest):
+    from multimodal_tf import calibration
+
+    config = tiny_config(
+        f"data.manifest={target_manifest}",
+        TARGET_OVERRIDE,
+        "model.modalities=[text]",
+        "model.text_encoder.name=text/bow",
+        "train.calibration=temperature",
+        "data.batch_size=32",
+        "train.learning_rate=0.02",
+    )
+    model, _ = fit_with_the_recipe(config)
+    metadata = prepare_data(config.data, progress=False)
+    result = calibration.calibrate_model(model, config, metadata)
+    assert set(result["targets"]) == {"category", "tags"}  # regression is not calibrated
+    names = ("category", "tags")
+    logits_model = keras.Model(
+        model.inputs, {n: model.get_layer(targets_lib.uncalibrated_name(n)).output for n in names}
+    )
+    logits, labels = {n: [] for n in names}, {n: [] for n in names}
+    for x, y in make_dataset(config, "val", training=False, metadata=metadata, with_targets=True):
+        for name, value in logits_model(x, training=False).items():
+            logits[name].append(value.numpy().astype(np.float64))
+            labels[name].append(y[name].numpy())
+    logits = {n: np.concatenate(v) for n, v in logits.items()}
+    labels = {n: np.concatenate(v) for n, v in labels.items()}
+    expected = _independent_temperature(logits["category"], labels["category"], "softmax")
+    assert result["temperature"] == result["targets"]["category"]["temperature"]
+    assert result["temperature"] == pytest.approx(expected, rel=1e-3)
+    present = labels["tags"][:, -1] > 0
+    assert 0 < present.sum() < len(present)  # missing tags exist and are left out
+    expected = _independent_temperature(logits["tags"][present], labels["tags"][present, :-1], "sigmoid")
+    assert result["targets"]["tags"]["examples"] == present.sum()
+    assert result["targets"]["tags"]["temperature"] == pytest.approx(expected, rel=1e-3)
+    assert result["targets"]["tags"]["after"]["nll"] <= result["targets"]["tags"]["before"]["nll"]
+    assert model.get_layer("tags").temperature.numpy() == pytest.approx(expected, rel=1e-3)
+
+
+# Trains, calibrates, evaluates and exports a calibrated late-fusion ensemble with targets:
+# ~40 s idle, slow.
+@pytest.mark.slow
+def test_a_calibrated_late_fusion_ensemble_with_targets_trains_and_exports(target_manifest, tmp_path):
+    config = _ensemble_config(target_manifest, f"train.output_dir={tmp_path / 'run'}", "data.batch_size=32")
+    run = train(config, progress=False)
+    calibrated = json.loads((run / "calibration.json").read_text())
+    assert set(calibrated["targets"]) == {"category", "tags"}
+    report = evaluate(run, ablation=False)
+    assert set(report["targets"]) == {"tags", "score"} and "accuracy" in report["metrics"]
+    assert "Target `tags`: T = " in (run / "report.md").read_text()
+    config, metadata, model = load_trained_model(run)
+    assert model.get_layer("tags").temperature.numpy() == pytest.approx(
+        calibrated["targets"]["tags"]["temperature"]
+    )
+    export = export_run(run, tmp_path / "models", "t")
+    files = [str(default_tfrecord_dir(config.data) / f) for f in metadata.shards["test"]]
+    serialized = [r.numpy() for r in tf.data.TFRecordDataset(files).take(6)]
+    preprocessor = Preprocessor(config.data, metadata.vocabulary, config.model)
+    expected = model(preprocessor(preprocessor.parse_examples(tf.constant(serialized))), training=False)
+    served = tf.saved_model.load(str(export)).signatures["predict_examples"](examples=tf.constant(serialized))
+    np.testing.assert_allclose(served["category/probabilities"], expected["category"], atol=1e-5)
+    np.testing.assert_allclose(served["tags/probabilities"], expected["tags"], atol=1e-5)
+    np.testing.assert_allclose(served["score/value"], expected["score"][:, 0], atol=1e-5)

@@ -40,6 +40,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from multimodal_tf.config import DataConfig
+from multimodal_tf.data import beam_targets
 from multimodal_tf.data import convert as convert_lib
 from multimodal_tf.data import manifest as manifest_lib
 from multimodal_tf.data import text as text_lib
@@ -73,7 +74,8 @@ class Encoded(NamedTuple):
     label: int
     present: tuple[bool, bool, bool]  # image, text, audio
     text: str
-    serialized: bytes
+    serialized: bytes  # b"" until beam_targets serializes it, with data.targets
+    record: object = None  # the manifest record, kept until then (data.targets only)
 
 
 class EncodeRecord(beam.DoFn):
@@ -97,13 +99,17 @@ class EncodeRecord(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, found)
             return
         label = manifest_lib.label_id(record, self.label_names)
-        example = convert_lib.make_example(record, label, self.config)
+        if self.config.targets:  # the example waits for the multilabel vocabularies (beam_targets)
+            serialized = b""
+        else:
+            serialized = convert_lib.make_example(record, label, self.config).SerializeToString()
         yield Encoded(
             group=self._group(record),
             label=label,
             present=(bool(record.image), bool(record.text), bool(record.audio)),
             text=record.text.decode("utf-8"),
-            serialized=example.SerializeToString(),
+            serialized=serialized,
+            record=record if self.config.targets else None,
         )
 
 
@@ -221,6 +227,8 @@ def build_pipeline(pipeline, records, label_names, config: DataConfig, staging: 
     No step waits for a global result before writing (no side input, and
     runner-chosen shards: a fixed shard count would group every example by
     shard first), so a local run streams rather than holding the dataset.
+    The exception is ``data.targets``: examples wait for the multilabel
+    vocabularies of the good train records (beam_targets.py).
     """
     rows = pipeline | "Rows" >> beam.Create(records)
     encoded = rows | "Encode" >> beam.ParDo(EncodeRecord(label_names, config)).with_outputs(
@@ -229,6 +237,8 @@ def build_pipeline(pipeline, records, label_names, config: DataConfig, staging: 
     problems = encoded[DEAD_LETTER] | "Problems" >> beam.FlatMap(lambda found: found)
     _write_json(problems, staging, DEAD_LETTER + ".jsonl", "DeadLetter")
     good = encoded.good
+    if config.targets:
+        good = beam_targets.with_target_features(good, config, staging, HELD_OUT)
     by_group = good | "ByGroup" >> beam.Partition(lambda e, _: GROUPS.index(e.group), len(GROUPS))
     for group, part in zip(GROUPS, by_group, strict=True):
         _ = (
@@ -276,10 +286,6 @@ def convert_with_beam(
             f"data.validation_split: {config.validation_split!r} is not available with --runner beam;"
             " use 'hash', or give the manifest a val split"
         )
-    if config.targets:
-        # A multilabel vocabulary is learnt from the good train records, a
-        # second pass the Beam pipeline does not have yet.
-        raise convert_lib.ConversionError("data.targets are not available with --runner beam yet")
     source = {
         "manifest": str(manifest_path.resolve()),
         "fingerprint": convert_lib.source_fingerprint(manifest_path, config),
@@ -325,5 +331,6 @@ def _publish(staging, out_dir, label_names, problems, config, source) -> Dataset
             os.replace(path, out_dir / name)
     counts["skipped"] = sorted({p.record_id for p in problems})
     convert_lib.write_dead_letter(out_dir, problems)
+    targets = beam_targets.metadata_entry(staging, config, HELD_OUT) if config.targets else None
     shutil.rmtree(staging)
-    return convert_lib.finish(out_dir, label_names, vocabulary, counts, shards, config, source)
+    return convert_lib.finish(out_dir, label_names, vocabulary, counts, shards, config, source, targets)

@@ -110,6 +110,11 @@ def _stratified_validation(records, fraction: float) -> set[str]:
     return chosen
 
 
+def stable_order(records) -> list:
+    """``records`` in a stable shuffled order (by id hash), so shards and batches mix labels."""
+    return sorted(records, key=lambda r: hashlib.md5(r.id.encode()).hexdigest())
+
+
 def _assign_splits(records, fraction: float, method: str = "hash") -> dict[str, list]:
     has_val = has_val_split(records)
     splits: dict[str, list] = {manifest_lib.TRAIN: [], manifest_lib.VAL: [], manifest_lib.TEST: []}
@@ -266,9 +271,7 @@ def convert(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METADATA_FILE).unlink(missing_ok=True)  # stale until rewritten
     splits = _assign_splits(good, config.validation_fraction, config.validation_split)
-    # A stable shuffle (by id hash) so shards and batches mix labels.
-    for records in splits.values():
-        records.sort(key=lambda r: hashlib.md5(r.id.encode()).hexdigest())
+    splits = {split: stable_order(records) for split, records in splits.items()}
     vocabulary = build_vocabulary([r.text.decode("utf-8") for r in splits[manifest_lib.TRAIN]], config.text)
     vocabularies = targets_lib.label_vocabularies(splits[manifest_lib.TRAIN], config)
     shards, counts = {}, {}

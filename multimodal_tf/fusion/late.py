@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from multimodal_tf.compat import keras, tf
 from multimodal_tf.config import FusionConfig, option
@@ -11,7 +11,12 @@ from multimodal_tf.fusion.base import FusionLayer, build_sublayer, masked_softma
 from multimodal_tf.registry import FUSIONS
 
 OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+# Of an extra output (data.targets): multilabel and regression heads.
+EXTRA_ACTIVATIONS = ("sigmoid", "linear")
 COMBINATIONS = ("mean", "product")
+# With extra outputs, the key of the primary output in the returned dict; no
+# target name starts with "_" (objective_config.TARGET_NAME).
+PRIMARY_OUTPUT = "_primary"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +56,20 @@ class LateFusion(FusionLayer):
     output (1/num_outputs for softmax, 0.5 for sigmoid). Outputs are float32
     under any mixed-precision policy.
 
+    ``extra_outputs`` (data.targets) gives each modality one more head per
+    extra target, on the same per-modality hidden layer, combined with the
+    same modality weights: a ``sigmoid`` (multilabel) head like a sigmoid
+    output above, a ``linear`` (regression) head by the weighted mean of its
+    values (``mean`` and ``product`` coincide; 0 when no modality is present).
+
     Call arguments:
         embeddings: dict modality -> float [B, D_m].
         presence: dict modality -> float 0/1 [B].
 
     Returns:
-        float32 [B, num_outputs] probabilities.
+        float32 [B, num_outputs] probabilities; with ``extra_outputs``, a dict
+        of them under ``PRIMARY_OUTPUT`` and each extra output by name
+        (float32 [B, units]).
 
     Args:
         modalities: modality names.
@@ -68,6 +81,8 @@ class LateFusion(FusionLayer):
             in a nonlinearity, or on a fastText-style linear text encoder.
         dropout_rate: dropout inside each head.
         combine: ``"mean"`` of probabilities or ``"product"`` (sum of logits).
+        extra_outputs: name -> ``[units, activation]`` (activation in
+            ``EXTRA_ACTIVATIONS``) of further outputs.
         **kwargs: standard layer arguments.
     """
 
@@ -81,6 +96,7 @@ class LateFusion(FusionLayer):
         hidden_dim: int = 64,
         dropout_rate: float = 0.0,
         combine: str = "mean",
+        extra_outputs: Mapping[str, Sequence] | None = None,
         **kwargs,
     ):
         super().__init__(modalities, **kwargs)
@@ -97,6 +113,13 @@ class LateFusion(FusionLayer):
         self.hidden_dim = hidden_dim
         self.dropout_rate = dropout_rate
         self.combine = combine
+        self.extra_outputs = {name: [int(u), str(a)] for name, (u, a) in (extra_outputs or {}).items()}
+        for name, (units, kind) in self.extra_outputs.items():
+            if name == PRIMARY_OUTPUT or kind not in EXTRA_ACTIVATIONS or units < 1:
+                raise ValueError(
+                    f"{self.name}: extra output {name!r} needs units >= 1 and an activation in "
+                    f"{EXTRA_ACTIVATIONS}, got {[units, kind]}"
+                )
         if hidden_dim < 0:
             raise ValueError(f"{self.name}: hidden_dim must be >= 0, got {hidden_dim}")
         self.hidden = {
@@ -109,6 +132,13 @@ class LateFusion(FusionLayer):
             m: keras.layers.Dense(num_outputs, dtype="float32", name=f"{m}_classifier")  # logits
             for m in self.modalities
         }
+        # One flat dict keyed by layer name: the layers of a dict of dicts were
+        # not restored by load_weights (their kernels stayed at initial values).
+        self.extra_heads = {
+            f"{m}_{name}": keras.layers.Dense(units, dtype="float32", name=f"{m}_{name}")
+            for name, (units, _) in self.extra_outputs.items()
+            for m in self.modalities
+        }
 
     def build(self, input_shape):
         self.modality_logits = self.add_weight(
@@ -118,25 +148,43 @@ class LateFusion(FusionLayer):
             if self.hidden_dim:
                 build_sublayer(self.hidden[m], input_shape[m])
             build_sublayer(self.classifiers[m], [None, self.hidden_dim or input_shape[m][-1]])
+            for name in self.extra_outputs:
+                build_sublayer(self.extra_heads[f"{m}_{name}"], [None, self.hidden_dim or input_shape[m][-1]])
         super().build(input_shape)
 
     def call(self, embeddings, presence, training=None):
         self._check_keys(embeddings, presence)
         flags = self.stacked_presence(presence, tf.float32)  # [B, M]
         weights = masked_softmax(self.modality_logits, flags)
-        activation = tf.nn.softmax if self.output_activation == "softmax" else tf.sigmoid
-        logits = []
+        hidden = {}
         for m in self.modalities:
-            hidden = zero_absent(embeddings[m], presence[m])
+            h = zero_absent(embeddings[m], presence[m])
             if self.hidden_dim:
-                hidden = self.hidden[m](hidden)
-            logits.append(self.classifiers[m](self.dropouts[m](hidden, training=training)))
-        logits = tf.stack(logits, axis=1)  # [B, M, num_outputs], float32
+                h = self.hidden[m](h)
+            hidden[m] = self.dropouts[m](h, training=training)
+
+        def scores(head_of):  # [B, M, units] float32, per-modality logits
+            return tf.stack([head_of(m)(hidden[m]) for m in self.modalities], axis=1)
+
+        primary = self._combine(scores(self.classifiers.get), weights, flags, self.output_activation)
+        if not self.extra_outputs:
+            return primary
+        outputs = {PRIMARY_OUTPUT: primary}
+        for name, (_, activation) in self.extra_outputs.items():
+            logits = scores(lambda m, name=name: self.extra_heads[f"{m}_{name}"])
+            outputs[name] = self._combine(logits, weights, flags, activation)
+        return outputs
+
+    def _combine(self, logits, weights, flags, activation: str) -> tf.Tensor:
+        """[B, M, K] per-modality logits -> [B, K]: the weighted mean of activations, or of logits."""
+        if activation == "linear":  # regression values: their weighted mean (0 with none present)
+            return tf.reduce_sum(logits * weights[:, :, None], axis=1)
+        function = tf.nn.softmax if activation == "softmax" else tf.sigmoid
         if self.combine == "product":
             # All weights 0 (nothing present) gives logits 0: the uniform prior.
-            return activation(tf.reduce_sum(logits * weights[:, :, None], axis=1))
-        fused = tf.reduce_sum(activation(logits) * weights[:, :, None], axis=1)
-        prior = 1.0 / self.num_outputs if self.output_activation == "softmax" else 0.5
+            return function(tf.reduce_sum(logits * weights[:, :, None], axis=1))
+        fused = tf.reduce_sum(function(logits) * weights[:, :, None], axis=1)
+        prior = 1.0 / logits.shape[-1] if activation == "softmax" else 0.5
         none_present = 1.0 - tf.reduce_max(flags, axis=1, keepdims=True)  # [B, 1]
         return fused + none_present * prior
 
@@ -149,6 +197,7 @@ class LateFusion(FusionLayer):
                 "hidden_dim": self.hidden_dim,
                 "dropout_rate": self.dropout_rate,
                 "combine": self.combine,
+                "extra_outputs": dict(self.extra_outputs),
             }
         )
         return config
