@@ -8,8 +8,10 @@ probability of the true class, and the mean entropy (nats) of the
 distribution at T = 1 and at the distillation temperature
 (``softmax(log p / T)``, as distillation.distillation_loss softens it). With
 ``--student``, the student's cached full-view train/val targets
-(``teacher_targets.npz``) are checked against the teacher's predictions
-(largest absolute difference), so the numbers describe what it trained on.
+(``teacher_targets.npz``, view 0) are checked against the teacher's
+predictions (largest absolute difference), so the numbers describe what it
+trained on, and each cached missing-modality view (distill.views:
+consistent) gets the same statistics on the train split.
 """
 
 from __future__ import annotations
@@ -62,28 +64,45 @@ def main() -> None:
     rows, predictions = [], {}
     for split in SPLITS:
         probabilities, labels, ids = predict_split(model, config, metadata, split)
-        predictions[split] = (probabilities, ids)
+        predictions[split] = (probabilities, labels, ids)
         rows.append((split, statistics(probabilities, labels, args.temperature)))
-    k = metadata.num_classes if hasattr(metadata, "num_classes") else len(metadata.label_names)
-    print(f"teacher {args.teacher_run}: {k} classes (uniform entropy {np.log(k):.3f} nats)")
-    header = list(rows[0][1])
-    print("| split | " + " | ".join(header) + " |")
-    print("|---|" + "---|" * len(header))
-    for split, row in rows:
-        cells = [str(v) if isinstance(v, int) else f"{v:.3f}" for v in row.values()]
-        print(f"| {split} | " + " | ".join(cells) + " |")
+    print(f"teacher {args.teacher_run}: {len(metadata.label_names)} classes")
+    print(f"(uniform entropy {np.log(len(metadata.label_names)):.3f} nats)")
+    _print_table("split", rows)
     if args.student:
-        with np.load(f"{args.student}/{run_files.TEACHER_TARGETS_FILE}") as cache:
-            cached = dict(
-                zip(
-                    cache["ids"].tolist(), cache["probabilities"].reshape(len(cache["ids"]), -1), strict=False
-                )
-            )
-        for split in ("train", "val"):
-            probabilities, ids = predictions[split]
-            k = probabilities.shape[1]
-            stored = np.stack([cached[i][:k] for i in ids.tolist()])  # view 0 (the full example) first
-            print(f"cache vs teacher, {split}: max |difference| {np.abs(stored - probabilities).max():.2e}")
+        _check_cache(args.student, predictions, args.temperature)
+
+
+def _print_table(first: str, rows: list) -> None:
+    header = list(rows[0][1])
+    print(f"| {first} | " + " | ".join(header) + " |")
+    print("|---|" + "---|" * len(header))
+    for name, row in rows:
+        cells = [str(v) if isinstance(v, int) else f"{v:.3f}" for v in row.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def _check_cache(student: str, predictions: dict, temperature: float) -> None:
+    """The cache's view 0 against the teacher's predictions; each cached view's train statistics."""
+    with np.load(f"{student}/{run_files.TEACHER_TARGETS_FILE}") as cache:
+        probabilities = cache["probabilities"]
+        if probabilities.ndim == 2:  # written before views: the full examples only
+            probabilities = probabilities[:, None]
+        views = cache["views"].tolist() if "views" in cache.files else [""]
+        row_of = {i: n for n, i in enumerate(cache["ids"].tolist())}
+    for split in ("train", "val"):
+        expected, _, ids = predictions[split]
+        stored = probabilities[[row_of[i] for i in ids.tolist()], 0]
+        print(f"cache view 0 vs teacher, {split}: max |difference| {np.abs(stored - expected).max():.2e}")
+    _, labels, ids = predictions["train"]
+    rows = [row_of[i] for i in ids.tolist()]
+    _print_table(
+        "cached view (train)",
+        [
+            (f"hidden: {v or 'none'}", statistics(probabilities[rows, k], labels, temperature))
+            for k, v in enumerate(views)
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from) and joined to the student's examples by id in ``tf.data``. A second
 the views are unchanged (or the teacher is gone). The teacher predicts with
 ``training=False``. ``distill.views`` says on what:
 
-- ``consistent`` (default): on every missing-modality view of each example
-  that the student's modality dropout can produce, and the student trains on
-  a view drawn per example with its target on that same view
-  (distillation_views.py; Beyer et al. 2022).
-- ``full``: on the full examples only; the student's own modality dropout
-  hides modalities of its inputs, so it is asked for the teacher's
+- ``full`` (default): on the full examples only; the student's own modality
+  dropout hides modalities of its inputs, so it is asked for the teacher's
   full-information prediction from what is left.
+- ``consistent``: on every missing-modality view of each example that the
+  student's modality dropout can produce, and the student trains on a view
+  drawn per example with its target on that same view
+  (distillation_views.py; Beyer et al. 2022).
 
 Models output probabilities, not logits; ``log p`` are logits up to a
 per-example constant, which the softmax at any temperature ignores, so

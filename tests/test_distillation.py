@@ -129,6 +129,8 @@ def test_student_trains_from_the_cache_after_the_teacher_is_gone(teacher_run, sy
         "model.text_encoder.name=text/bow",
         "--set",
         "model.modality_dropout.image=0.5",
+        "--set",
+        "distill.views=consistent",
     ]
     # text/bow has no width or depth (one --set layer cannot switch a family and drop them).
     lstm_only = ("model.text_encoder.width", "model.text_encoder.depth")
