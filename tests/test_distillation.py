@@ -258,3 +258,17 @@ def test_view_inputs_hide_as_training_does_and_targets_are_the_teacher_on_that_i
                 np.testing.assert_array_equal(seen[name].numpy(), x[name].numpy())
         # Each example's target is the teacher's prediction on exactly the student's input.
         np.testing.assert_allclose(target.numpy(), teacher(seen, training=False).numpy(), atol=1e-5)
+
+
+def test_a_cache_without_views_reads_as_full_and_other_views_need_the_teacher(tmp_path):
+    from multimodal_tf.distillation import teacher_targets
+
+    probabilities = _softmax(np.random.default_rng(2).normal(size=(3, 4))).astype(np.float32)
+    np.savez(tmp_path / TEACHER_TARGETS_FILE, ids=np.array([b"a", b"b", b"c"]), probabilities=probabilities)
+    info = {"teacher": "gone", "fingerprint": "x", "label_names": ["w", "x", "y", "z"]}
+    (tmp_path / TEACHER_INFO_FILE).write_text(json.dumps(info))
+    targets = teacher_targets(tmp_path / "gone", tmp_path, views=[()], verbose=False)
+    assert targets["views"].tolist() == [""] and targets["probabilities"].shape == (3, 1, 4)
+    np.testing.assert_array_equal(targets["probabilities"][:, 0], probabilities)
+    with pytest.raises(ValueError, match=r"holds the views \[''\], this student needs \['', 'image'\]"):
+        teacher_targets(tmp_path / "gone", tmp_path, views=[(), ("image",)], verbose=False)
