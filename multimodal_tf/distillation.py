@@ -14,12 +14,17 @@ The teacher runs once: its probabilities on the train and val examples are
 written to the student's run directory (``teacher_targets.npz``, keyed by
 example id, with ``teacher.json`` saying which teacher and weights they came
 from) and joined to the student's examples by id in ``tf.data``. A second
-``mmtf distill`` into the same run directory reuses them when the teacher is
-unchanged (or gone). Targets are computed on the full examples, as
-evaluation sees them (no modality dropout: the teacher predicts with
-``training=False``); the student's own modality dropout hides modalities of
-its inputs while training, as in ``mmtf train``, so it learns to match the
-teacher's full-information prediction from what is left.
+``mmtf distill`` into the same run directory reuses them when the teacher and
+the views are unchanged (or the teacher is gone). The teacher predicts with
+``training=False``. ``distill.views`` says on what:
+
+- ``full`` (default): on the full examples only; the student's own modality
+  dropout hides modalities of its inputs, so it is asked for the teacher's
+  full-information prediction from what is left.
+- ``consistent``: on every missing-modality view of each example that the
+  student's modality dropout can produce, and the student trains on a view
+  drawn per example with its target on that same view
+  (distillation_views.py; Beyer et al. 2022).
 
 Models output probabilities, not logits; ``log p`` are logits up to a
 per-example constant, which the softmax at any temperature ignores, so
@@ -28,17 +33,19 @@ per-example constant, which the softmax at any temperature ignores, so
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from multimodal_tf import distillation_views as views_lib
 from multimodal_tf import recipe
 from multimodal_tf import run_dir as run_files
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.config import ExperimentConfig
+from multimodal_tf.config import ExperimentConfig, ModalityDropoutConfig
 from multimodal_tf.data import features
 from multimodal_tf.data.cache import default_tfrecord_dir, prepare_data
 from multimodal_tf.data.metadata import DatasetMetadata
@@ -119,15 +126,19 @@ def teacher_fingerprint(teacher_run: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def predict_teacher(teacher_run: str | Path) -> dict:
-    """The teacher's probabilities on its train and val examples (full inputs, ``training=False``).
+def predict_teacher(teacher_run: str | Path, views: Sequence[Sequence[str]] = ((),)) -> dict:
+    """The teacher's probabilities on its train and val examples under each view (``training=False``).
+
+    Args:
+        teacher_run: the teacher's run directory.
+        views: hidden-modality tuples (distillation_views.views_of); ``()``
+            is the full example.
 
     Returns:
-        ``ids`` (bytes [N]), ``probabilities`` (float32 [N, K]), ``splits``
-        (the teacher split of each row) and the teacher's ``label_names``.
+        ``ids`` (bytes [N]), ``probabilities`` (float32 [N, V, K]), ``splits``
+        (the teacher split of each row), ``views`` (their names) and the
+        teacher's ``label_names``.
     """
-    from multimodal_tf.evaluation import predict_split  # noqa: PLC0415  (evaluation imports plotting)
-
     config, metadata, model = run_files.load_trained_model(teacher_run)
     if config.data.targets:
         raise ValueError(
@@ -140,7 +151,7 @@ def predict_teacher(teacher_run: str | Path) -> dict:
     ids, probabilities, splits = [], [], []
     for split in TEACHER_SPLITS:
         if split in metadata.shards:
-            p, _, split_ids = predict_split(model, config, metadata, split)
+            p, _, split_ids = views_lib.predict_views(model, config, metadata, split, views)
             probabilities.append(p.astype(np.float32))
             ids.append(split_ids)
             splits += [split] * len(split_ids)
@@ -152,32 +163,59 @@ def predict_teacher(teacher_run: str | Path) -> dict:
         "ids": ids,
         "probabilities": np.concatenate(probabilities),
         "splits": np.array(splits),
+        "views": np.array([views_lib.view_name(v) for v in views], dtype=str),
         "label_names": list(metadata.label_names),
     }
 
 
-def teacher_targets(teacher_run: str | Path, run_dir: str | Path, verbose: bool = True) -> dict:
+def read_cache(cache: Path, info: dict) -> dict:
+    """A ``teacher_targets.npz`` as :func:`predict_teacher` returns it.
+
+    A cache written before views existed holds [N, K] probabilities of the
+    full examples: it reads as the one view ``""``.
+    """
+    with np.load(cache) as stored:
+        targets = {k: stored[k] for k in stored.files}
+    if targets["probabilities"].ndim == 2:
+        targets["probabilities"] = targets["probabilities"][:, None, :]
+        targets["views"] = np.array([views_lib.ALL_PRESENT])
+    return {**targets, "label_names": info["label_names"]}
+
+
+def teacher_targets(
+    teacher_run: str | Path,
+    run_dir: str | Path,
+    views: Sequence[Sequence[str]] = ((),),
+    verbose: bool = True,
+) -> dict:
     """The teacher's targets for a student run: read from ``run_dir``'s cache, else predicted and cached.
 
-    The cache is used when it was made from the same teacher config and
-    weights, or when the teacher run no longer exists (nothing to compare
-    against: the cache is then the teacher). Otherwise the teacher predicts
-    and the cache is (re)written.
+    The cache is used when it holds ``views`` and was made from the same
+    teacher config and weights, or from any teacher when the teacher run no
+    longer exists (nothing to compare against: the cache is then the
+    teacher). Otherwise the teacher predicts and the cache is (re)written.
     """
     run_dir = Path(run_dir)
     cache, info_file = run_dir / run_files.TEACHER_TARGETS_FILE, run_dir / run_files.TEACHER_INFO_FILE
     teacher_exists = (Path(teacher_run) / run_files.CONFIG_FILE).exists()
     fingerprint = teacher_fingerprint(teacher_run) if teacher_exists else None
+    names = [views_lib.view_name(v) for v in views]
     if cache.exists() and info_file.exists():
         info = json.loads(info_file.read_text())
-        if fingerprint is None or info["fingerprint"] == fingerprint:
+        stored = read_cache(cache, info)
+        same_views = stored["views"].tolist() == names
+        if same_views and (fingerprint is None or info["fingerprint"] == fingerprint):
             if verbose:
                 print(f"teacher targets: {cache} (cached; teacher not run)")
-            with np.load(cache) as stored:
-                return {**{k: stored[k] for k in stored.files}, "label_names": info["label_names"]}
+            return stored
+        if not teacher_exists:
+            raise ValueError(
+                f"{cache} holds the views {stored['views'].tolist()}, this student needs {names}, "
+                f"and teacher {teacher_run} is not a run directory to predict them"
+            )
     if not teacher_exists:
         raise FileNotFoundError(f"teacher {teacher_run} is not a run directory and {cache} holds no targets")
-    targets = predict_teacher(teacher_run)
+    targets = predict_teacher(teacher_run, views)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Fixed-width bytes and str arrays: np.load reads them without pickle.
     np.savez(
@@ -185,16 +223,20 @@ def teacher_targets(teacher_run: str | Path, run_dir: str | Path, verbose: bool 
         ids=np.asarray(targets["ids"].tolist(), dtype=bytes),
         probabilities=targets["probabilities"],
         splits=np.asarray(targets["splits"], dtype=str),
+        views=targets["views"],
     )
     info = {
         "teacher": str(Path(teacher_run).resolve()),
         "fingerprint": fingerprint,
         "label_names": targets["label_names"],
         "examples": {s: int((targets["splits"] == s).sum()) for s in TEACHER_SPLITS},
+        "views": names,
     }
     info_file.write_text(json.dumps(info, indent=1))
     if verbose:
-        print(f"teacher targets: {cache} ({len(targets['ids'])} examples from {teacher_run})")
+        print(
+            f"teacher targets: {cache} ({len(targets['ids'])} examples x {len(names)} views from {teacher_run})"
+        )
     return targets
 
 
@@ -228,24 +270,46 @@ def check_targets(targets: dict, config: ExperimentConfig, metadata: DatasetMeta
                 )
 
 
-def objective(config: ExperimentConfig, targets: dict) -> recipe.Objective:
-    """The recipe objective: DistillationLoss on (label, teacher row looked up by example id)."""
+def objective(
+    config: ExperimentConfig, targets: dict, rates: Mapping[str, float] | None = None
+) -> recipe.Objective:
+    """The recipe objective: DistillationLoss on (label, teacher row looked up by example id).
+
+    Args:
+        config: the student config (``distill`` settings, ``train.seed``).
+        targets: :func:`teacher_targets`' dict; view 0 is the full example.
+        rates: with ``distill.views: consistent``, the modality dropout rates
+            the train split's views are drawn with
+            (distillation_views.view_targets); val always gets view 0.
+    """
     table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(
             tf.constant(targets["ids"]), tf.range(len(targets["ids"]), dtype=tf.int64)
         ),
         default_value=-1,  # check_targets ruled it out before training
     )
-    probabilities = tf.constant(targets["probabilities"], tf.float32)
+    full = tf.constant(targets["probabilities"][:, 0], tf.float32)
 
     def to_target(x, y, ids):
-        return x, pack_targets(y, tf.gather(probabilities, table.lookup(ids)))
+        return x, pack_targets(y, tf.gather(full, table.lookup(ids)))
+
+    def targets_for(split):
+        if rates is None or split != "train":
+            return to_target
+        views = [tuple(name.split("+")) if name else () for name in targets["views"].tolist()]
+        apply_view = views_lib.view_targets(targets["probabilities"], views, rates, config.train.seed)
+
+        def to_view_target(x, y, ids):
+            x, teacher = apply_view(x, table.lookup(ids))
+            return x, pack_targets(y, teacher)
+
+        return to_view_target
 
     settings = config.distill
     return recipe.Objective(
         loss=DistillationLoss(settings.temperature, settings.alpha),
         metrics=[HardLabelAccuracy()],
-        targets=lambda split: to_target,
+        targets=targets_for,
     )
 
 
@@ -256,6 +320,9 @@ def distill(
 
     The run directory is an ordinary run (``mmtf evaluate`` / ``mmtf
     export`` read it) plus ``teacher_targets.npz`` and ``teacher.json``.
+    With ``distill.views: consistent`` the student model is built without
+    modality dropout (its resolved config says 0): the input pipeline hides
+    modalities at the configured rates instead (teacher.json keeps them).
     """
     from multimodal_tf.training import train  # noqa: PLC0415  (training imports plotting)
 
@@ -265,6 +332,16 @@ def distill(
         raise ValueError(f"distillation needs a multiclass student head, got {config.model.head.type!r}")
     metadata = prepare_data(config.data, progress=progress)
     run_dir = Path(config.train.output_dir)
-    targets = teacher_targets(teacher_run, run_dir, verbose=bool(config.train.verbose))
+    rates, views = None, [()]
+    if config.distill.views == views_lib.CONSISTENT:
+        rates = views_lib.dropout_rates(config.model)
+        views = views_lib.views_of(rates)
+        model = dataclasses.replace(config.model, modality_dropout=ModalityDropoutConfig())
+        config = dataclasses.replace(config, model=model)
+    targets = teacher_targets(teacher_run, run_dir, views, verbose=bool(config.train.verbose))
     check_targets(targets, config, metadata, run_dir / run_files.TEACHER_TARGETS_FILE)
-    return train(config, progress=False, callbacks=callbacks, objective=objective(config, targets))
+    if rates is not None:
+        info_file = run_dir / run_files.TEACHER_INFO_FILE
+        info = json.loads(info_file.read_text())
+        info_file.write_text(json.dumps({**info, "view_rates": rates}, indent=1))
+    return train(config, progress=False, callbacks=callbacks, objective=objective(config, targets, rates))

@@ -74,19 +74,43 @@ class ModalityDropout(keras.layers.Layer):
 
     def _drop(self, flags: tf.Tensor, rates: tf.Tensor) -> tf.Tensor:
         """[B, M] flags -> flags with modalities hidden, never all present ones."""
-        kept = flags * tf.cast(tf.random.uniform(tf.shape(flags), seed=self.seed) >= rates, tf.float32)
-        # A random present modality per example, for examples that lost them
-        # all. Another op seed: two ops with one seed draw the same numbers.
-        seed = None if self.seed is None else self.seed + 1
-        scores = tf.where(flags > 0, tf.random.uniform(tf.shape(flags), seed=seed), -1.0)
-        rescue = tf.one_hot(tf.argmax(scores, axis=1), tf.shape(flags)[1]) * flags
-        lost_all = tf.reduce_max(kept, axis=1, keepdims=True) <= 0
-        return tf.where(lost_all, rescue, kept)
+        # Another op seed for the rescue draws: two ops with one seed draw the same numbers.
+        rescue_seed = None if self.seed is None else self.seed + 1
+        return hide_modalities(
+            flags,
+            rates,
+            tf.random.uniform(tf.shape(flags), seed=self.seed),
+            tf.random.uniform(tf.shape(flags), seed=rescue_seed),
+        )
 
     def get_config(self) -> dict:
         config = super().get_config()
         config.update({"rates": dict(self.rates), "seed": self.seed})
         return config
+
+
+def hide_modalities(
+    flags: tf.Tensor, rates: tf.Tensor, draws: tf.Tensor, rescue_draws: tf.Tensor
+) -> tf.Tensor:
+    """ModalityDropout's rule on given uniform draws: [B, M] 0/1 flags -> the flags left visible.
+
+    A present modality is hidden where its draw is below its rate; an
+    example that would lose every present modality keeps the one with the
+    highest rescue draw instead. Shared by :class:`ModalityDropout` and
+    distillation's teacher views (distillation_views.py), which must hide
+    modalities exactly as training does.
+
+    Args:
+        flags: float32 [B, M] presence flags.
+        rates: float32 [M] probability of hiding each modality.
+        draws: float32 [B, M] uniform in [0, 1).
+        rescue_draws: float32 [B, M] uniform in [0, 1).
+    """
+    kept = flags * tf.cast(draws >= rates, tf.float32)
+    scores = tf.where(flags > 0, rescue_draws, -1.0)
+    rescue = tf.one_hot(tf.argmax(scores, axis=1), tf.shape(flags)[1]) * flags
+    lost_all = tf.reduce_max(kept, axis=1, keepdims=True) <= 0
+    return tf.where(lost_all, rescue, kept)
 
 
 def check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:

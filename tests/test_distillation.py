@@ -16,6 +16,7 @@ from multimodal_tf.distillation import (
     pack_targets,
     split_ids,
 )
+from multimodal_tf.distillation_views import predict_views, view_targets, views_of
 from multimodal_tf.evaluation import predict_split
 from multimodal_tf.run_dir import TEACHER_INFO_FILE, TEACHER_TARGETS_FILE, load_trained_model
 from multimodal_tf.testing import tiny_config
@@ -128,6 +129,8 @@ def test_student_trains_from_the_cache_after_the_teacher_is_gone(teacher_run, sy
         "model.text_encoder.name=text/bow",
         "--set",
         "model.modality_dropout.image=0.5",
+        "--set",
+        "distill.views=consistent",
     ]
     # text/bow has no width or depth (one --set layer cannot switch a family and drop them).
     lstm_only = ("model.text_encoder.width", "model.text_encoder.depth")
@@ -139,8 +142,14 @@ def test_student_trains_from_the_cache_after_the_teacher_is_gone(teacher_run, sy
     config, metadata, teacher = load_trained_model(teacher_run)
     expected, _, ids = predict_split(teacher, config, metadata, "train")
     rows = {i: k for k, i in enumerate(cached["ids"].tolist())}
-    np.testing.assert_allclose(cached["probabilities"][[rows[i] for i in ids.tolist()]], expected, atol=1e-6)
+    # View 0 is the full example; view 1 hides the image (the student's modality dropout).
+    assert cached["views"].tolist() == ["", "image"] and info["view_rates"] == {"image": 0.5, "text": 0.0}
+    full = cached["probabilities"][[rows[i] for i in ids.tolist()], 0]
+    np.testing.assert_allclose(full, expected, atol=1e-6)
     assert info["examples"]["train"] == len(ids) and info["examples"]["val"] > 0
+    # The pipeline hides modalities instead of the student model (consistent views).
+    saved = config_lib.load([str(student / "config.yaml")])
+    assert saved.model.modality_dropout.image == 0.0
     assert set(cached["splits"].tolist()) == {"train", "val"}
     written = (student / TEACHER_TARGETS_FILE).stat().st_mtime_ns
     trained = (student / "history.json").stat().st_mtime_ns
@@ -205,3 +214,61 @@ def test_distilled_run_evaluates_and_exports_equal_to_the_model(teacher_run, syn
         cli.main(["export", str(student), "--base-path", str(tmp_path / "models"), "--model-name", "s"]) == 0
     )
     reload_equals((student, tmp_path / "models" / "s" / "1"), tmp_path)
+
+
+def test_views_are_the_hidden_sets_modality_dropout_can_make():
+    three = views_of({"image": 0.25, "text": 0.5, "audio": 0.25})
+    assert three[0] == () and len(three) == 7  # nothing, each single, each pair; never all three
+    assert ("audio", "image", "text") not in three and ("audio", "text") in three
+    assert views_of({"image": 0.2, "audio": 0.0}) == [(), ("image",)]  # rate 0: never hidden
+    assert views_of({"image": 0.2, "audio": 0.2}) == [(), ("audio",), ("image",)]
+    assert views_of({"image": 0.0, "text": 0.0}) == [()]
+
+
+def test_view_inputs_hide_as_training_does_and_targets_are_the_teacher_on_that_input(teacher_run):
+    import tensorflow as tf
+
+    from multimodal_tf.data.features import presence_name
+    from multimodal_tf.data.pipeline import make_dataset
+    from multimodal_tf.models import ModalityDropout
+
+    config, metadata, teacher = load_trained_model(teacher_run)
+    views = views_of({"image": 0.5, "text": 0.5})
+    probabilities, _, ids = predict_views(teacher, config, metadata, "train", views)
+    for v, hidden in enumerate(views):  # the cache equals evaluation's own missing-modality path
+        expected, _, expected_ids = predict_split(teacher, config, metadata, "train", drop=hidden)
+        assert expected_ids.tolist() == ids.tolist()
+        np.testing.assert_allclose(probabilities[:, v], expected, atol=1e-5)
+    assert np.abs(probabilities[:, 1] - probabilities[:, 0]).max() > 1e-3  # views do differ
+    x, _, batch_ids = next(
+        iter(make_dataset(config, "train", training=False, metadata=metadata, with_ids=True))
+    )
+    rows = tf.constant([ids.tolist().index(i) for i in batch_ids.numpy().tolist()], tf.int64)
+    presence = {m: x[presence_name(m)] for m in ("image", "text")}
+    for rates in ({"image": 1.0, "text": 0.0}, {"image": 1.0, "text": 1.0}, {"image": 0.5, "text": 0.5}):
+        seen, target = view_targets(probabilities, views, rates, seed=3)(x, rows)
+        flags = {m: seen[presence_name(m)].numpy() for m in presence}
+        if 0.0 in rates.values():  # deterministic: the flags ModalityDropout leaves in training
+            layer = ModalityDropout(rates)(presence, training=True)
+            for m in presence:
+                np.testing.assert_array_equal(flags[m], layer[m].numpy())
+        assert (np.maximum(flags["image"], flags["text"]) == 1).all()  # never both hidden
+        for name in x:  # only presence flags change, as in training
+            if not name.endswith("present") and name in seen:
+                np.testing.assert_array_equal(seen[name].numpy(), x[name].numpy())
+        # Each example's target is the teacher's prediction on exactly the student's input.
+        np.testing.assert_allclose(target.numpy(), teacher(seen, training=False).numpy(), atol=1e-5)
+
+
+def test_a_cache_without_views_reads_as_full_and_other_views_need_the_teacher(tmp_path):
+    from multimodal_tf.distillation import teacher_targets
+
+    probabilities = _softmax(np.random.default_rng(2).normal(size=(3, 4))).astype(np.float32)
+    np.savez(tmp_path / TEACHER_TARGETS_FILE, ids=np.array([b"a", b"b", b"c"]), probabilities=probabilities)
+    info = {"teacher": "gone", "fingerprint": "x", "label_names": ["w", "x", "y", "z"]}
+    (tmp_path / TEACHER_INFO_FILE).write_text(json.dumps(info))
+    targets = teacher_targets(tmp_path / "gone", tmp_path, views=[()], verbose=False)
+    assert targets["views"].tolist() == [""] and targets["probabilities"].shape == (3, 1, 4)
+    np.testing.assert_array_equal(targets["probabilities"][:, 0], probabilities)
+    with pytest.raises(ValueError, match=r"holds the views \[''\], this student needs \['', 'image'\]"):
+        teacher_targets(tmp_path / "gone", tmp_path, views=[(), ("image",)], verbose=False)
