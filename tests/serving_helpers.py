@@ -201,13 +201,26 @@ def make_test_savedmodel(
 # aborted TF 2.17 with oneDNN on (tests/test_serving_concurrency.py).
 IMAGE_AUDIO = ("model.modalities=[image,audio]", "model.fusion.name=concat")
 
+# An image + text model with an 8-dim aligned space: what the retrieval tests
+# embed, index and search.
+ALIGNED_IMAGE_TEXT = (
+    "model.modalities=[image,text]",
+    "model.text_encoder.name=text/bow",
+    "model.alignment.weight=1",
+    "model.alignment.pairs=[[image,text]]",
+    "model.alignment.dim=8",
+)
 
-def export_untrained_model(directory: str | Path, *overrides: str) -> ServingModule:
+
+def export_untrained_model(
+    directory: str | Path, *overrides: str, embed: Sequence[str] = ()
+) -> ServingModule:
     """A freshly initialised ``build_model`` model of the tiny test config (plus
     ``overrides``) inside the exporter's ServingModule, saved to ``directory``.
 
     Real encoders and fusion, unlike ``make_test_savedmodel``'s tiny model:
-    for checks that depend on the graph the families build.
+    for checks that depend on the graph the families build. ``embed`` names
+    the modalities that get ``embed_<modality>`` signatures (an aligned config).
     """
     from multimodal_tf import models  # noqa: PLC0415  (tests that never need it stay light)
     from multimodal_tf.data import text  # noqa: PLC0415
@@ -223,6 +236,10 @@ def export_untrained_model(directory: str | Path, *overrides: str) -> ServingMod
     preprocessor = Preprocessor(config.data, VOCABULARY, config.model)
     specs = features.model_feature_specs(config.data, config.model)
     module = ServingModule(model, preprocessor, CLASS_NAMES, config.model.head.type, specs)
+    if embed:
+        from multimodal_tf.retrieval import EmbeddingModule  # noqa: PLC0415
+
+        module.embedding = EmbeddingModule(model, preprocessor, tuple(embed))
     module.save(directory)
     return module
 

@@ -22,12 +22,9 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from multimodal_tf import approximate_index, cli
 from multimodal_tf import config as config_lib
 from multimodal_tf.approximate_index import ApproximateIndex, IndexOptions
-from multimodal_tf.compat import keras, tf
-from multimodal_tf.data import features
-from multimodal_tf.data.preprocessing import Preprocessor
-from multimodal_tf.export import ExportError, ServingModule, check_ops
-from multimodal_tf.models import build_model
-from multimodal_tf.retrieval import EmbeddingModule, read_corpus
+from multimodal_tf.compat import tf
+from multimodal_tf.export import ExportError, check_ops
+from multimodal_tf.retrieval import read_corpus
 from multimodal_tf.serving import ModelServer, ModelSpec
 from multimodal_tf.serving.servable import Servable
 from multimodal_tf.signatures import APPROXIMATE_IDS_FILE, APPROXIMATE_INDEX_FILE, APPROXIMATE_INFO_FILE
@@ -109,22 +106,10 @@ def test_index_options_and_files_are_checked(tmp_path):
 def approximate_versions(synth_manifest, tmp_path_factory):
     """An untrained tiny aligned export (version 1) and its HNSW (2) and IVF (3) indexes of the images."""
     out = tmp_path_factory.mktemp("approximate")
-    config = tiny_config(
-        f"data.manifest={synth_manifest}",
-        "model.modalities=[image,text]",
-        "model.text_encoder.name=text/bow",
-        "model.alignment.weight=1",
-        "model.alignment.pairs=[[image,text]]",
-        "model.alignment.dim=8",
-    )
-    keras.utils.set_random_seed(0)
-    model = build_model(config, num_classes=3, vocab_size=len(helpers.VOCABULARY))
-    preprocessor = Preprocessor(config.data, helpers.VOCABULARY, config.model)
-    specs = features.model_feature_specs(config.data, config.model)
-    module = ServingModule(model, preprocessor, helpers.CLASS_NAMES, "multiclass", specs)
-    module.embedding = EmbeddingModule(model, preprocessor, ("image", "text"))
+    overrides = (f"data.manifest={synth_manifest}", *helpers.ALIGNED_IMAGE_TEXT)
     export = out / "models" / "m" / "1"
-    module.save(export)
+    helpers.export_untrained_model(export, *overrides, embed=("image", "text"))
+    config = tiny_config(*overrides)
     config_lib.save(config, export / "assets.extra" / "config.yaml")
     argv = ["index", str(export), "--manifest", str(synth_manifest), "--modality", "image", "--top-k", "5"]
     assert cli.main([*argv, "--approximate", "hnsw"]) == 0

@@ -18,9 +18,7 @@ from multimodal_tf.alignment import embedding_model
 from multimodal_tf.compat import tf
 from multimodal_tf.data.preprocessing import Preprocessor
 from multimodal_tf.evaluation import evaluate
-from multimodal_tf.export import ServingModule
-from multimodal_tf.models import build_model
-from multimodal_tf.retrieval import EmbeddingModule, SearchModule, read_corpus, retrieval_metrics
+from multimodal_tf.retrieval import SearchModule, read_corpus, retrieval_metrics
 from multimodal_tf.run_dir import load_trained_model
 from multimodal_tf.serving import ModelServer, ModelSpec
 from multimodal_tf.testing import tiny_config
@@ -56,23 +54,11 @@ def indexed(synth_manifest, tmp_path_factory):
 @pytest.mark.slow
 def test_untrained_export_embeds_and_searches_like_numpy(tmp_path):
     """The default-run check (no training): embed signatures and search vs the in-memory model and NumPy."""
-    from multimodal_tf.compat import keras  # noqa: PLC0415
-    from multimodal_tf.data import features  # noqa: PLC0415
 
-    config = tiny_config(
-        "model.modalities=[image,text]",
-        "model.text_encoder.name=text/bow",
-        "model.alignment.weight=1",
-        "model.alignment.pairs=[[image,text]]",
-        "model.alignment.dim=8",
+    module = helpers.export_untrained_model(
+        tmp_path / "1", *helpers.ALIGNED_IMAGE_TEXT, embed=("image", "text")
     )
-    keras.utils.set_random_seed(0)
-    model = build_model(config, num_classes=3, vocab_size=len(helpers.VOCABULARY))
-    preprocessor = Preprocessor(config.data, helpers.VOCABULARY, config.model)
-    specs = features.model_feature_specs(config.data, config.model)
-    module = ServingModule(model, preprocessor, helpers.CLASS_NAMES, "multiclass", specs)
-    module.embedding = EmbeddingModule(model, preprocessor, ("image", "text"))
-    module.save(tmp_path / "1")
+    model, preprocessor = module.model, module.preprocessor
     loaded = tf.saved_model.load(str(tmp_path / "1"))
     inputs = helpers.make_inputs(12, seed=4)
     corpus = {}
