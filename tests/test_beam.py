@@ -51,6 +51,18 @@ def _examples(directory: Path, names: list[str]) -> dict[str, bytes]:
     return examples
 
 
+def _assert_same_records(tmp_path, local_shards, beam_shards) -> dict:
+    """Both converters wrote byte-identical examples per split; returns the last split's {id: bytes}."""
+    expected = {}
+    for split in local_shards:
+        expected = _examples(tmp_path / "local", local_shards[split])
+        got = _examples(tmp_path / "beam", beam_shards[split])
+        assert sorted(got) == sorted(expected), split
+        for record_id, serialized in expected.items():
+            assert got[record_id] == serialized, (split, record_id)
+    return expected
+
+
 def _with_a_val_row(manifest: Path) -> Path:
     """The manifest with its first row in the val split: held-out train rows then stay in train."""
     rows = list(csv.reader(open(manifest, encoding="utf-8", errors="surrogateescape")))
@@ -75,12 +87,7 @@ def test_beam_and_single_process_converters_write_the_same_dataset(planted_manif
     assert on_beam.counts == local.counts and on_beam.source == local.source
     assert set(on_beam.shards) == set(local.shards) == {"train", "val", "test"}
     assert (local.counts["val"]["examples"] == 1) == (val_split == "in the manifest")
-    for split in local.shards:
-        expected = _examples(tmp_path / "local", local.shards[split])
-        got = _examples(tmp_path / "beam", on_beam.shards[split])
-        assert sorted(got) == sorted(expected), split
-        for record_id, serialized in expected.items():
-            assert got[record_id] == serialized, (split, record_id)
+    _assert_same_records(tmp_path, local.shards, on_beam.shards)
     assert (tmp_path / "beam" / "vocab.txt").read_bytes() == (tmp_path / "local" / "vocab.txt").read_bytes()
     assert not (tmp_path / "beam" / beam_convert.STAGING).exists()
     # The dead-letter output: each bad record with its row, field and reason.
@@ -208,11 +215,6 @@ def test_beam_writes_the_local_converters_target_features_and_metadata(planted_m
     assert local.targets["tags"]["label_names"] == ["even", "mod3_0", "mod3_1", "mod3_2"]
     assert local.targets["score"]["counts"]["train"]["missing"] > 0
     assert on_beam.counts == local.counts and on_beam.vocabulary == local.vocabulary
-    for split in local.shards:
-        expected = _examples(tmp_path / "local", local.shards[split])
-        got = _examples(tmp_path / "beam", on_beam.shards[split])
-        assert sorted(got) == sorted(expected), split
-        for record_id, serialized in expected.items():
-            assert got[record_id] == serialized, (split, record_id)
+    expected = _assert_same_records(tmp_path, local.shards, on_beam.shards)
     parsed = tf.train.Example.FromString(next(iter(expected.values()))).features.feature
     assert "target_tags" in parsed and "target_score_present" in parsed
