@@ -84,6 +84,8 @@ def optimize_run(run_dir: str | Path, options: OptimizeOptions) -> list[Path]:
         details = {"quantization": kind, "int8_only": conversion.int8_only, "note": conversion.note}
         if kind == "int8":
             details["representative_examples"] = quantization.REPRESENTATIVE_EXAMPLES
+            details["kept_float"] = list(conversion.kept_float)
+            details["debugger_rounds"] = conversion.debugger_rounds
         write_description(path, what, run_dir, options.flags(), **common, **details)
         written.append(path)
     if options.onnx:
