@@ -16,8 +16,9 @@ from multimodal_tf.data.pipeline import make_dataset
 from multimodal_tf.encoders.image import colour_histogram
 from multimodal_tf.encoders.text import TextBagOfEmbeddingsEncoder, masked_max
 from multimodal_tf.models import build_model
-from multimodal_tf.optimize import artifacts, onnx, pruning, quantization, selective
+from multimodal_tf.optimize import artifacts, onnx, pruning, qat, quantization, selective
 from multimodal_tf.optimize.evaluation import evaluate_artifact
+from multimodal_tf.optimize.run import OptimizeOptions, optimize_run
 from multimodal_tf.run_dir import load_run, load_trained_model
 from multimodal_tf.testing import random_features, tiny_config
 from multimodal_tf.training import train
@@ -36,7 +37,7 @@ def optimized(synth_manifest, tmp_path_factory):
     )
     run = train(config, progress=False)
     argv = ["optimize", str(run), "--prune", str(TARGET_SPARSITY), "--prune-epochs", "1"]
-    assert cli.main([*argv, "--quantize", "dynamic", "int8", "--onnx"]) == 0
+    assert cli.main([*argv, "--quantize", "dynamic", "int8", "--onnx", "--qat", "1"]) == 0
     return run, run / artifacts.OPTIMIZED_DIR
 
 
@@ -50,7 +51,12 @@ def _test_features(run, count=48):
 @pytest.mark.slow  # the module's run: train, prune fine-tune, export, 3 conversions (~70 s CPU)
 def test_optimize_writes_each_artifact_with_its_json(optimized):
     run, out = optimized
-    names = ["pruned_model_dynamic.tflite", "pruned_model_int8.tflite", "pruned_model.onnx"]
+    names = [
+        "pruned_model_dynamic.tflite",
+        "pruned_model_int8.tflite",
+        "pruned_model_qat_int8.tflite",
+        "pruned_model.onnx",
+    ]
     for name in names:
         description = json.loads(artifacts.description_path(out / name).read_text())
         assert description["artifact"] == name
@@ -62,6 +68,11 @@ def test_optimize_writes_each_artifact_with_its_json(optimized):
     assert pruned["artifact"] == "pruned/1" and (out / "pruned" / "1" / "saved_model.pb").exists()
     int8 = json.loads((out / "pruned_model_int8.tflite.json").read_text())
     assert int8["int8_only"] is True  # every op of this model has an int8 kernel
+    assert int8["kept_float"] == [] and int8["debugger_rounds"] == 1  # and int8 breaks none of them
+    qat = json.loads((out / "pruned_model_qat_int8.tflite.json").read_text())
+    # concat fusion: the head's Dense layers are top-level, tfmot supports them; the encoders are ours.
+    assert qat["annotated_layers"] == ["head_dense_0", "probabilities"]
+    assert qat["float_layers"] == ["audio_encoder", "image_encoder"] and qat["qat_epochs"] == 1
 
 
 @pytest.mark.slow  # the module's run: train, prune fine-tune, export, 3 conversions (~70 s CPU)
@@ -232,3 +243,24 @@ def test_int8_keeps_the_op_it_breaks_float():
     assert result.rounds == 2  # round 2 found nothing else above the limit
     assert error < 0.05
     assert "ONE_HOT" in quantization.float_ops(result.flatbuffer)
+
+
+@pytest.mark.slow  # a QAT fine-tune and an int8 conversion of the module's run (~40 s CPU)
+def test_qat_tflite_matches_the_qat_keras_model(optimized):
+    run, _ = optimized
+    config, metadata, model = load_trained_model(run)
+    result = qat.train_qat(model, config, metadata, epochs=1)
+    assert result.annotated == ("head_dense_0", "probabilities")
+    conversion = quantization.convert_int8(
+        result.model, config, lambda: quantization.representative_features(config, metadata)
+    )
+    x = _test_features(run)
+    reference = result.model(x, training=False).numpy()
+    tflite = quantization.TFLiteRunner(conversion.flatbuffer)(x)
+    # The head runs the int8 math its fake-quant ops emulated (equal up to
+    # rounding); the encoders, float in the QAT model, are int8 in TFLite:
+    # post-training int8 error, so the same bounds as the int8 test above.
+    assert (tflite.argmax(-1) == reference.argmax(-1)).mean() >= 0.9
+    assert np.abs(tflite - reference).max() < 0.1
+    with pytest.raises(ValueError, match="--quantize int8"):
+        optimize_run(run, OptimizeOptions(qat=1))

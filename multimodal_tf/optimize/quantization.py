@@ -139,38 +139,43 @@ def convert(model, config, metadata, quantization: str, representative=None) -> 
 
 
 def convert_int8(model, config, representative) -> Conversion:
-    """Full-integer int8 with the ops int8 breaks (and those with no int8 kernel) kept float."""
+    """Full-integer int8 with the ops int8 breaks (and those with no int8 kernel) kept float.
+
+    The QuantizationDebugger rounds (``selective.py``) run with float
+    kernels allowed. When they keep nothing float, the model is converted
+    again with int8 kernels only (with float allowed, the converter leaves
+    some cheap ops such as SELECT_V2 in float); only if that fails (an op
+    with no int8 kernel) does the mixed model stay, and ``note`` says why.
+    """
     from multimodal_tf.optimize import selective  # noqa: PLC0415
 
-    def make_converter():
+    def make_converter(int8_only: bool = False):
         converter = _converter(model, config)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative
-        # BUILTINS too: the ops kept float need their float kernels.
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-            tf.lite.OpsSet.TFLITE_BUILTINS,
-        ]
+        # BUILTINS too unless int8_only: the ops kept float need their float kernels.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] + (
+            [] if int8_only else [tf.lite.OpsSet.TFLITE_BUILTINS]
+        )
         return converter
 
     def debug_features():
         return itertools.islice(representative(), selective.DEBUG_EXAMPLES)
 
     result = selective.convert_selective(make_converter, debug_features)
-    note = ""
-    if result.kept_float:
+    details = {"kept_float": result.kept_float, "debugger_rounds": result.rounds}
+    if not result.kept_float:
+        try:
+            return Conversion(make_converter(int8_only=True).convert(), "int8", int8_only=True, **details)
+        except Exception as error:  # noqa: BLE001  (the converter raises ConverterError or RuntimeError)
+            first = str(error).strip().splitlines()[0][:300]
+        note = f"not every op has an int8 kernel, those run in float ({first})"
+    else:
         note = "kept float (int8 RMSE/scale above {}): {}".format(
             selective.RMSE_PER_SCALE_LIMIT,
             "; ".join(f"{e.op} {e.tensor} ({e.rmse_per_scale:.3g})" for e in result.found),
         )
-    return Conversion(
-        result.flatbuffer,
-        "int8",
-        int8_only=not result.kept_float and not float_ops(result.flatbuffer),
-        note=note,
-        kept_float=result.kept_float,
-        debugger_rounds=result.rounds,
-    )
+    return Conversion(result.flatbuffer, "int8", int8_only=False, note=note, **details)
 
 
 def float_ops(flatbuffer: bytes) -> list[str]:
