@@ -91,13 +91,13 @@ def optimize_run(run_dir: str | Path, options: OptimizeOptions) -> list[Path]:
     """Writes the artifacts ``options`` asks for under ``RUN/optimized/``; returns their paths."""
     from multimodal_tf.optimize import onnx, pruning, quantization  # noqa: PLC0415
 
+    if options.qat is not None and "int8" not in options.quantize:
+        raise ValueError("--qat EPOCHS is a quantization-aware int8 model: give it with --quantize int8")
     if not (options.prune or options.quantize or options.tflite or options.onnx):
         raise ValueError("nothing to do: give --prune, --quantize, --tflite and/or --onnx")
     for kind in options.quantize:
         if kind not in quantization.QUANTIZATIONS[1:]:
             raise ValueError(f"--quantize must be dynamic or int8, got {kind!r}")
-    if options.qat is not None and "int8" not in options.quantize:
-        raise ValueError("--qat EPOCHS is a quantization-aware int8 model: give it with --quantize int8")
     run_dir = Path(run_dir)
     config, metadata, model = load_trained_model(run_dir)
     out = run_dir / OPTIMIZED_DIR
