@@ -16,7 +16,7 @@ _NEEDS = {
 def missing_packages(args) -> list[str]:
     """The pip names of the packages ``args`` needs that are not installed."""
     wanted = []
-    if args.prune:
+    if args.prune or args.qat:
         wanted.append(_NEEDS["prune"])
     if args.onnx:
         wanted += [_NEEDS["onnx_converter"], _NEEDS["onnx_runtime"]]
@@ -39,6 +39,7 @@ def cmd_optimize(args) -> int:
         quantize=tuple(args.quantize or ()),
         tflite=args.tflite,
         onnx=args.onnx,
+        qat=args.qat,
     )
     for path in optimize_run(args.run_dir, options):
         print(f"wrote {path}")
@@ -62,6 +63,13 @@ def add_parser(subparsers) -> None:
         nargs="+",
         choices=("dynamic", "int8"),
         help="post-training quantized TFLite of the feature-level model (int8: calibrated on the train split)",
+    )
+    p.add_argument(
+        "--qat",
+        type=int,
+        metavar="EPOCHS",
+        help="with --quantize int8: also a quantization-aware fine-tuned int8 TFLite (tfmot, on the "
+        "layers it supports), after EPOCHS epochs on the train split",
     )
     p.add_argument("--tflite", action="store_true", help="the float TFLite model too")
     p.add_argument("--onnx", action="store_true", help="ONNX of the feature-level model (tf2onnx)")

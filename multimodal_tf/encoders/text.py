@@ -146,6 +146,23 @@ class TextLSTMEncoder(keras.layers.Layer):
         return config
 
 
+def masked_max(x: tf.Tensor, mask: tf.Tensor, mean: tf.Tensor) -> tf.Tensor:
+    """Max over the unmasked tokens of ``x`` [B, T, D]; 0 for a row with none.
+
+    Padding is replaced by the row's masked ``mean`` [B, D], which never
+    exceeds the max of the tokens it averages, so the result is the exact
+    masked max. The usual ``x - (1 - mask) * 1e4`` gives the same floats
+    but puts -1e4 in the tensor: int8 quantization then spreads 256 levels
+    over [-1e4, 1] and every real value rounds to 0 (docs/optimization.md).
+
+    Args:
+        x: float [B, T, D] token embeddings.
+        mask: float [B, T, 1], 1 for tokens, 0 for padding.
+        mean: float [B, D] masked mean of ``x`` (0 for an empty row).
+    """
+    return tf.reduce_max(tf.where(mask > 0, x, mean[:, None, :]), axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class TextBagOfEmbeddingsConfig(EncoderConfig):
     """``text/bow``: the arguments of :class:`TextBagOfEmbeddingsEncoder`."""
@@ -226,11 +243,11 @@ class TextBagOfEmbeddingsEncoder(keras.layers.Layer):
             return masked_sequence(self.dropout(x, training=training), tf.not_equal(tokens, 0))
         mask = tf.cast(tf.not_equal(tokens, 0), x.dtype)[..., None]  # [B, T, 1]; float16 under mixed_float16
         count = tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
-        mean = tf.reduce_sum(x * mask, axis=1) / count
+        x = x * mask  # padding rows 0: they would widen the int8 range of what follows
+        mean = tf.reduce_sum(x, axis=1) / count
         if self.linear:
             return self.dropout(mean, training=training)
-        maximum = tf.reduce_max(x * mask - (1.0 - mask) * 1e4, axis=1) * tf.minimum(count, 1.0)
-        maximum = tf.where(tf.reduce_sum(mask, axis=1) > 0, maximum, tf.zeros_like(maximum))
+        maximum = masked_max(x, mask, mean)
         x = self.projection(tf.concat([mean, maximum], axis=-1))
         return self.dropout(x, training=training)
 

@@ -10,6 +10,7 @@ text stay outside, in the same tf.data preprocessing training uses. The raw
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from collections.abc import Iterator
 
@@ -34,12 +35,17 @@ class Conversion:
         quantization: ``float``, ``dynamic`` or ``int8``.
         int8_only: int8 with no float fallback (every op has an int8 kernel).
         note: what the converter had to fall back to, if anything.
+        kept_float: int8 only: tensors of the ops kept float because int8
+            broke them (``selective.py``).
+        debugger_rounds: int8 only: QuantizationDebugger runs made.
     """
 
     flatbuffer: bytes
     quantization: str
     int8_only: bool = False
     note: str = ""
+    kept_float: tuple[str, ...] = ()
+    debugger_rounds: int = 0
 
 
 def feature_specs(config) -> dict:
@@ -94,16 +100,25 @@ def _converter(model, config):
     return tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
 
 
-def convert(model, config, metadata, quantization: str) -> Conversion:
+def convert(model, config, metadata, quantization: str, representative=None) -> Conversion:
     """The feature-level model as a TFLite flatbuffer.
 
     ``dynamic``: weights stored as int8, activations float (dequantized on
     the fly). ``int8``: weights and activations int8, ranges calibrated on
     REPRESENTATIVE_EXAMPLES train-split examples; inputs and outputs stay
     float32 (the converter adds quantize/dequantize at the edges) so a
-    caller feeds the same features as to the float model. Ops with no int8
-    kernel (an LSTM's, for example) fall back to float, and the Conversion's
-    ``note`` says so.
+    caller feeds the same features as to the float model. Ops that int8
+    breaks (found by TFLite's QuantizationDebugger, ``selective.py``) and
+    ops with no int8 kernel stay float; the Conversion's ``note`` and
+    ``kept_float`` say which.
+
+    Args:
+        model: the Keras model.
+        config: its config.
+        metadata: the dataset's metadata (the train split calibrates int8).
+        quantization: ``float``, ``dynamic`` or ``int8``.
+        representative: for int8, a callable yielding feature dicts (batch
+            of 1) to calibrate on instead of the train split (tests).
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS[1:])}; got {quantization!r}")
@@ -117,24 +132,65 @@ def convert(model, config, metadata, quantization: str) -> Conversion:
     converter = _converter(model, config)
     if quantization == "float":
         return Conversion(converter.convert(), quantization)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantization == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
         return Conversion(converter.convert(), quantization)
-    converter.representative_dataset = lambda: representative_features(config, metadata)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    try:
-        return Conversion(converter.convert(), quantization, int8_only=True)
-    except Exception as error:  # noqa: BLE001  (the converter raises ConverterError or RuntimeError)
-        first = str(error).strip().splitlines()[0][:300]
-    converter = _converter(model, config)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: representative_features(config, metadata)
-    converter.target_spec.supported_ops = [
-        tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-        tf.lite.OpsSet.TFLITE_BUILTINS,
-    ]
-    note = f"not every op has an int8 kernel, those run in float ({first})"
-    return Conversion(converter.convert(), quantization, int8_only=False, note=note)
+    return convert_int8(model, config, representative or (lambda: representative_features(config, metadata)))
+
+
+def convert_int8(model, config, representative) -> Conversion:
+    """Full-integer int8 with the ops int8 breaks (and those with no int8 kernel) kept float.
+
+    The QuantizationDebugger rounds (``selective.py``) run with float
+    kernels allowed. When they keep nothing float, the model is converted
+    again with int8 kernels only (with float allowed, the converter leaves
+    some cheap ops such as SELECT_V2 in float); only if that fails (an op
+    with no int8 kernel) does the mixed model stay, and ``note`` says why.
+    """
+    from multimodal_tf.optimize import selective  # noqa: PLC0415
+
+    def make_converter(int8_only: bool = False):
+        converter = _converter(model, config)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = representative
+        # BUILTINS too unless int8_only: the ops kept float need their float kernels.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8] + (
+            [] if int8_only else [tf.lite.OpsSet.TFLITE_BUILTINS]
+        )
+        return converter
+
+    def debug_features():
+        return itertools.islice(representative(), selective.DEBUG_EXAMPLES)
+
+    result = selective.convert_selective(make_converter, debug_features)
+    details = {"kept_float": result.kept_float, "debugger_rounds": result.rounds}
+    if not result.kept_float:
+        try:
+            return Conversion(make_converter(int8_only=True).convert(), "int8", int8_only=True, **details)
+        except Exception as error:  # noqa: BLE001  (the converter raises ConverterError or RuntimeError)
+            first = str(error).strip().splitlines()[0][:300]
+        note = f"not every op has an int8 kernel, those run in float ({first})"
+    else:
+        note = "kept float (int8 RMSE/scale above {}): {}".format(
+            selective.RMSE_PER_SCALE_LIMIT,
+            "; ".join(f"{e.op} {e.tensor} ({e.rmse_per_scale:.3g})" for e in result.found),
+        )
+    return Conversion(result.flatbuffer, "int8", int8_only=False, note=note, **details)
+
+
+def float_ops(flatbuffer: bytes) -> list[str]:
+    """Ops of a converted model that compute in float (not int8/int32), e.g. those kept float."""
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    details = interpreter._get_ops_details()  # noqa: SLF001  (op names and tensor ids; no public API)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = []
+    for op in details:
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        outputs = [tensors[i] for i in op["outputs"] if i in tensors]
+        if any(t["dtype"] == np.float32 for t in outputs):
+            ops.append(op["op_name"])
+    return ops
 
 
 class TFLiteRunner:

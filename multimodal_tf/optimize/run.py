@@ -20,6 +20,9 @@ class OptimizeOptions:
         quantize: TFLite quantizations to write (``dynamic``, ``int8``).
         tflite: also write the float TFLite model.
         onnx: write the ONNX model.
+        qat: quantization-aware fine-tune epochs (tfmot) before an int8
+            conversion, written as ``model_qat_int8.tflite``; needs
+            ``quantize`` to hold ``int8``. None: no QAT.
     """
 
     prune: float | None = None
@@ -27,6 +30,7 @@ class OptimizeOptions:
     quantize: tuple[str, ...] = ()
     tflite: bool = False
     onnx: bool = False
+    qat: int | None = None
 
     def flags(self) -> dict:
         return dataclasses.asdict(self)
@@ -55,10 +59,40 @@ def _export_pruned(model, run_dir: Path, out: Path, options: OptimizeOptions, re
     return path
 
 
+def _write_qat(model, config, metadata, run_dir: Path, out: Path, options: OptimizeOptions, common: dict):
+    from multimodal_tf.optimize import qat, quantization  # noqa: PLC0415
+
+    result = qat.train_qat(model, config, metadata, options.qat)
+    conversion = quantization.convert_int8(
+        result.model, config, lambda: quantization.representative_features(config, metadata)
+    )
+    path = out / artifact_name("qat_int8", common["pruned"])
+    path.write_bytes(conversion.flatbuffer)
+    write_description(
+        path,
+        "TFLite (int8) of the quantization-aware fine-tuned model on preprocessed features",
+        run_dir,
+        options.flags(),
+        **common,
+        quantization="int8",
+        qat_epochs=options.qat,
+        annotated_layers=list(result.annotated),
+        float_layers=list(result.float_layers),
+        fine_tune_history=result.history,
+        int8_only=conversion.int8_only,
+        note=conversion.note,
+        kept_float=list(conversion.kept_float),
+        representative_examples=quantization.REPRESENTATIVE_EXAMPLES,
+    )
+    return path
+
+
 def optimize_run(run_dir: str | Path, options: OptimizeOptions) -> list[Path]:
     """Writes the artifacts ``options`` asks for under ``RUN/optimized/``; returns their paths."""
     from multimodal_tf.optimize import onnx, pruning, quantization  # noqa: PLC0415
 
+    if options.qat is not None and "int8" not in options.quantize:
+        raise ValueError("--qat EPOCHS is a quantization-aware int8 model: give it with --quantize int8")
     if not (options.prune or options.quantize or options.tflite or options.onnx):
         raise ValueError("nothing to do: give --prune, --quantize, --tflite and/or --onnx")
     for kind in options.quantize:
@@ -84,8 +118,12 @@ def optimize_run(run_dir: str | Path, options: OptimizeOptions) -> list[Path]:
         details = {"quantization": kind, "int8_only": conversion.int8_only, "note": conversion.note}
         if kind == "int8":
             details["representative_examples"] = quantization.REPRESENTATIVE_EXAMPLES
+            details["kept_float"] = list(conversion.kept_float)
+            details["debugger_rounds"] = conversion.debugger_rounds
         write_description(path, what, run_dir, options.flags(), **common, **details)
         written.append(path)
+    if options.qat is not None:
+        written.append(_write_qat(model, config, metadata, run_dir, out, options, common))
     if options.onnx:
         path = out / artifact_name("onnx", pruned)
         path.write_bytes(onnx.convert(model, config))
