@@ -7,7 +7,9 @@
 Per dataset: the run's float SavedModel (``mmtf export``), the ensemble and
 the distilled student (optional run dirs, exported the same way), the run
 pruned by ``mmtf optimize --prune`` (SavedModel), its int8 TFLite and its
-ONNX (``mmtf optimize --quantize int8 --onnx``). Each is fed the same
+ONNX (``mmtf optimize --quantize int8 --onnx``), and with ``--qat EPOCHS`` its
+quantization-aware int8 TFLite (no row, and the reason printed, where QAT
+does not apply, e.g. late fusion). Each is fed the same
 preprocessed test features (the ``predict_features`` path), and the table
 gives test accuracy, file size (and gzipped), parameters (nonzero ones for
 the pruned model), batch-1 latency (median of single-example calls) and
@@ -69,7 +71,7 @@ def _parameters(path: Path) -> tuple[int, int]:
 
 
 def benchmark_dataset(
-    name: str, run: Path, others: dict, prune: float, repeats: int, work: Path
+    name: str, run: Path, others: dict, prune: float, repeats: int, work: Path, qat: int | None = None
 ) -> list[dict]:
     from multimodal_tf.data.pipeline import make_dataset
     from multimodal_tf.optimize import artifacts
@@ -85,6 +87,15 @@ def benchmark_dataset(
     optimize_run(run, OptimizeOptions(quantize=("int8",), tflite=True, onnx=True))
     convert_seconds = time.monotonic() - started
     optimize_run(run, OptimizeOptions(prune=prune))
+    qat_entry = []
+    if qat:
+        try:
+            optimize_run(run, OptimizeOptions(quantize=("int8",), qat=qat))
+            qat_entry = [
+                (f"QAT int8 TFLite ({qat} epochs)", out / artifacts.artifact_name("qat_int8", False), run)
+            ]
+        except ValueError as e:  # e.g. late fusion: no top-level layer tfmot can annotate
+            print(f"{name}: no QAT row: {e}", flush=True)
     entries = [("float SavedModel", _export(run, work / name, "float"), run)]
     for label, other in others.items():
         entries.append((label, _export(Path(other), work / name, label.replace(" ", "_")), Path(other)))
@@ -93,6 +104,7 @@ def benchmark_dataset(
         ("float TFLite", out / artifacts.artifact_name("float", False), run),
         ("int8 TFLite", out / artifacts.artifact_name("int8", False), run),
         ("ONNX", out / artifacts.artifact_name("onnx", False), run),
+        *qat_entry,
     ]
     float_params = _parameters(entries[0][1])
     rows = []
@@ -149,6 +161,7 @@ def main() -> None:
         "--student", nargs="*", metavar="NAME=RUN_DIR", help="a distilled student per dataset"
     )
     parser.add_argument("--prune", type=float, default=0.8)
+    parser.add_argument("--qat", type=int, metavar="EPOCHS", help="also a QAT int8 row (mmtf optimize --qat)")
     parser.add_argument("--repeats", type=int, default=200, help="batch-1 calls timed per model")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
@@ -165,7 +178,7 @@ def main() -> None:
                 others["ensemble"] = ensembles[name]
             if name in students:
                 others["distilled student"] = students[name]
-            rows += benchmark_dataset(name, Path(run), others, args.prune, args.repeats, work)
+            rows += benchmark_dataset(name, Path(run), others, args.prune, args.repeats, work, args.qat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:

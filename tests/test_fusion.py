@@ -92,7 +92,10 @@ def test_layer(name, changes):
 
 def test_every_family_config_is_its_layers_arguments():
     """A family's config fields are exactly the arguments its layer records: none unused, none missing."""
-    standard = set(keras.layers.Layer().get_config()) | {"modalities", "num_outputs", "output_activation"}
+    # What build_fusion passes from outside the family config: the modalities,
+    # the primary output and (late fusion) the extra targets' outputs.
+    build_time = {"modalities", "num_outputs", "output_activation", "extra_outputs"}
+    standard = set(keras.layers.Layer().get_config()) | build_time
     for name in FUSIONS.keys():
         config = FUSIONS.config(name)()
         layer = fusion.build_fusion(config, MODALITIES, num_outputs=2, output_activation="sigmoid")
