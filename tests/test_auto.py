@@ -219,6 +219,8 @@ def test_no_config_cli_trains_stacks_keeps_the_best_and_exports(synth_manifest, 
     assert outputs["probabilities"].shape == (1, 8)
 
 
+# slow: a real tuner search against a clock (~18 s); keeps the default run under 15 min
+@pytest.mark.slow
 def test_tune_time_budget_stops_the_search_and_keeps_the_best_trial(synth_manifest, tmp_path):
     config = tiny_config(f"data.manifest={synth_manifest}", "model.modalities=[image]", "train.epochs=50")
     prepare_data(config.data, progress=False)

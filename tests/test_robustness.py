@@ -224,6 +224,8 @@ def test_missing_at_rate_one_is_the_ablation_and_level_zero_the_clean_accuracy(t
     assert accuracies["text/missing"][-1] == (probabilities.argmax(-1) == labels).mean()
 
 
+# slow: the CLI over the library path the tests above check (~20 s); keeps the default run under 15 min
+@pytest.mark.slow
 def test_cli_robustness_report_with_one_degradation(trained_run, capsys):
     argv = ["evaluate", str(trained_run), "--no-ablation", "--degradations", "audio/white_noise"]
     assert cli.main(argv) == 0

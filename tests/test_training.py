@@ -115,6 +115,8 @@ def test_mirrored_strategy_over_two_logical_cpus_trains_an_ensemble(synth_manife
     assert "## Ensemble members alone" in (run / "report.md").read_text()
 
 
+# slow: two more trainings (~22 s); keeps the default run under 15 min
+@pytest.mark.slow
 def test_unimodal_run_and_comparison_table(synth_manifest, trained_run, tmp_path):
     config = tiny_config(
         f"data.manifest={synth_manifest}", f"train.output_dir={tmp_path}", "model.modalities=[image]"
