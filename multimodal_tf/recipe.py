@@ -221,6 +221,29 @@ def compile_model(
     return model
 
 
+def fine_tune(
+    model, config: ExperimentConfig, metadata: DatasetMetadata, epochs: int, callbacks: Sequence = ()
+) -> dict[str, list[float]]:
+    """Compiles and fits an already trained ``model`` (e.g. a pruning or QAT
+    wrapper of one) for ``epochs`` on the train split; returns its history.
+
+    The config's learning rate is held constant and EMA is off: a decay
+    schedule or an average would start over as if training from scratch,
+    while this continues from trained weights.
+    """
+    settings = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, lr_schedule="constant", ema_momentum=0.0)
+    )
+    model.compile(
+        optimizer=make_optimizer(settings, steps_per_epoch(config, metadata)),
+        loss=loss_for(config),
+        metrics=metrics_for(config),
+    )
+    train, _, _ = datasets_for(config, metadata)
+    history = model.fit(train, epochs=epochs, callbacks=list(callbacks), verbose=0)
+    return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
 def adapt_encoders(model, config: ExperimentConfig, metadata: DatasetMetadata) -> None:
     """Gives encoders that learn from the data before training (``text/tfidf``) the train split.
 

@@ -21,7 +21,6 @@ import numpy as np
 
 from multimodal_tf import recipe
 from multimodal_tf.compat import keras, tf
-from multimodal_tf.models import loss_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,17 +149,8 @@ def prune_model(model, config, metadata, target_sparsity: float, epochs: int = 2
     pruning_model, layers = wrap_for_pruning(model, schedule)
     if not layers:
         raise ValueError("the model has no layer with kernels to prune")
-    fine_tune = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, lr_schedule="constant", ema_momentum=0.0)
-    )
-    pruning_model.compile(
-        optimizer=recipe.make_optimizer(fine_tune, recipe.steps_per_epoch(config, metadata)),
-        loss=loss_for(config),
-        metrics=recipe.metrics_for(config),
-    )
-    train, _, _ = recipe.datasets_for(config, metadata)
-    history = pruning_model.fit(
-        train, epochs=epochs, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=0
+    history = recipe.fine_tune(
+        pruning_model, config, metadata, epochs, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
     )
     apply_masks(pruning_model)
     tfmot.sparsity.keras.strip_pruning(pruning_model)  # the wrappers go; ``model`` keeps the weights
@@ -171,5 +161,5 @@ def prune_model(model, config, metadata, target_sparsity: float, epochs: int = 2
         pruned_weights=int(sum(np.prod(w.shape) for w in weights)),
         layers=layers,
         fine_tune_steps=total_steps,
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        history=history,
     )

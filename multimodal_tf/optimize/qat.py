@@ -21,7 +21,6 @@ import dataclasses
 
 from multimodal_tf import recipe
 from multimodal_tf.compat import keras
-from multimodal_tf.models import loss_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +91,5 @@ def train_qat(model, config, metadata, epochs: int) -> QATResult:
     if epochs < 1:
         raise ValueError(f"--qat must be a number of epochs >= 1, got {epochs}")
     qat_model, annotated, float_layers = quantize_aware_model(model)
-    fine_tune = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, lr_schedule="constant", ema_momentum=0.0)
-    )
-    qat_model.compile(
-        optimizer=recipe.make_optimizer(fine_tune, recipe.steps_per_epoch(config, metadata)),
-        loss=loss_for(config),
-        metrics=recipe.metrics_for(config),
-    )
-    train, _, _ = recipe.datasets_for(config, metadata)
-    history = qat_model.fit(train, epochs=epochs, verbose=0)
-    return QATResult(
-        qat_model, annotated, float_layers, {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    )
+    history = recipe.fine_tune(qat_model, config, metadata, epochs)
+    return QATResult(qat_model, annotated, float_layers, history)
